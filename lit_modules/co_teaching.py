@@ -1,0 +1,117 @@
+"""``CoTeachingModule``: two fVLM networks trained alternately, each softening the other's targets.
+
+Sec. 3.3 / A.2: after a burn-in, the network being trained at a step takes Eq. 3's ``p_other``
+from its partner, which limits the error accumulation of self-correction (Tab. 5). The two
+networks differ in initialisation (separate seeds), data order (network ``k`` trains on every
+other batch, ``batch_idx % 2 == k``) and augmentation (each batch has its own random crop/flip).
+
+Under DDP the idle network's parameters get no gradient in a step: use
+``strategy: ddp_find_unused_parameters_true`` (configs/fvlm.yaml does).
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from fvlm.lit_modules.contrastive import ContrastiveModule, adamw
+from fvlm.loss import AnatomyReduction
+from fvlm.models import MINILM, FineGrainedOutput, VisionConfig
+
+__all__ = ["CoTeachingModule"]
+
+
+class CoTeachingModule(ContrastiveModule):
+    """fVLM with co-teaching (Tab. 4 "CoT", Tab. 5 "CoT").
+
+    Args:
+        alpha: Weight of the hard targets in Eq. 3 (paper: 0.5).
+        burn_in_epochs: Epochs of independent training before co-teaching starts (paper: 5).
+        seeds: Initialisation seeds of the two networks.
+        **others: See :class:`~fvlm.lit_modules.contrastive.ContrastiveModule`.
+    """
+
+    def __init__(
+        self,
+        num_anatomies: int = 0,
+        vision: VisionConfig | None = None,
+        text_model: str = MINILM,
+        text_config: dict | None = None,
+        embed_dim: int = 512,
+        fncn: bool = True,
+        identical_text_positive: bool = True,
+        anatomy_reduction: AnatomyReduction = "sum",
+        alpha: float = 0.5,
+        burn_in_epochs: int = 5,
+        seeds: tuple[int, int] = (0, 1),
+        optimizer: OptimizerCallable = adamw,
+        warmup_epochs: float = 1.0,
+        min_lr: float = 1e-6,
+    ) -> None:
+        super().__init__(
+            num_anatomies=num_anatomies,
+            vision=vision,
+            text_model=text_model,
+            text_config=text_config,
+            embed_dim=embed_dim,
+            fncn=fncn,
+            identical_text_positive=identical_text_positive,
+            anatomy_reduction=anatomy_reduction,
+            optimizer=optimizer,
+            warmup_epochs=warmup_epochs,
+            min_lr=min_lr,
+        )
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.automatic_optimization = False
+        networks = []
+        for seed in seeds:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                networks.append(self.build_network("fine_grained"))
+        self.networks = nn.ModuleList(networks)
+
+    @property
+    def network(self) -> nn.Module:
+        """The network used for evaluation (the first one)."""
+        return self.networks[0]
+
+    def forward(self, batch: dict) -> FineGrainedOutput:
+        """Embed a batch with the evaluation network."""
+        return self.network(batch)
+
+    def student_index(self, batch_idx: int) -> int:
+        """Which network trains on this batch: they alternate every iteration."""
+        return batch_idx % 2
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Train one network; after burn-in its targets are softened by the other's (Eq. 3)."""
+        k = self.student_index(batch_idx)
+        student, teacher = self.networks[k], self.networks[1 - k]
+        out = student(batch)
+        soft = None
+        if self.current_epoch >= self.hparams.burn_in_epochs:
+            with torch.no_grad():
+                partner = teacher(batch)
+            soft = self.loss.teacher_targets(
+                partner.image_emb, partner.text_emb, out.valid, partner.logit_scale
+            )
+        losses = self.contrastive_loss(out, soft)
+        optimizer = self.optimizers()[k]
+        optimizer.zero_grad()
+        self.manual_backward(losses["loss"])
+        optimizer.step()
+        self.lr_schedulers()[k].step()
+        self.log_loss("train", losses, out)
+        self.log("train/student", float(k), batch_size=out.valid.shape[0])
+        return losses["loss"].detach()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Validation loss of the evaluation network."""
+        out = self.network(batch)
+        self.log_loss("val", self.contrastive_loss(out), out)
+
+    def configure_optimizers(self) -> tuple[list, list]:
+        """One optimiser and schedule per network; each steps on every other batch."""
+        configs = [self.make_optimizer(net.parameters(), share=0.5) for net in self.networks]
+        return [c["optimizer"] for c in configs], [c["lr_scheduler"] for c in configs]

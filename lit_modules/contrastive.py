@@ -1,0 +1,149 @@
+"""What the three training modules share: the towers' options, the loss, optimiser and logging.
+
+:class:`FineGrainedCLIPModule`, :class:`GlobalCLIPModule` and :class:`CoTeachingModule` differ only
+in which network(s) they build and how a step uses them; everything else lives here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from fvlm.lit_modules.schedule import warmup_cosine
+from fvlm.loss import AnatomyReduction, FineGrainedContrastiveLoss
+from fvlm.models import MINILM, FineGrainedCLIP, FineGrainedOutput, GlobalCLIP, VisionConfig
+
+__all__ = ["ContrastiveModule", "Network", "adamw"]
+
+Network = Literal["fine_grained", "global"]
+
+
+def adamw(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The paper's optimiser (A.2: Adam-type, peak lr 1e-4); weight decay as in CLIP practice."""
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
+
+
+class ContrastiveModule(LightningModule):
+    """Base LightningModule: builds networks on request, computes the contrastive loss, logs.
+
+    Args:
+        num_anatomies: Length of the anatomy table (linked from the data module).
+        vision: 3D ViT shape; ``None`` is the paper's ViT-B on its 96x256x384 crop.
+        text_model: Text backbone: ``minilm`` (offline package), a local path or a hub name
+            (linked from the data module's tokenizer so both always match).
+        text_config: Keyword arguments of a ``BertConfig`` for a randomly initialised text tower
+            (tests); overrides ``text_model``.
+        embed_dim: Joint embedding width.
+        fncn: False-negative correction of normals (Tab. 4 "FNCN").
+        identical_text_positive: Identical anatomy descriptions are positives of each other.
+        anatomy_reduction: Sum (Eq. 2) or mean of the per-anatomy losses.
+        optimizer: Optimiser factory (``class_path``/``init_args`` in YAML); its ``lr`` is the peak.
+        warmup_epochs: Linear warm-up length (A.2: one epoch).
+        min_lr: Final learning rate of the cosine decay (A.2: 1e-6).
+    """
+
+    def __init__(
+        self,
+        num_anatomies: int = 0,
+        vision: VisionConfig | None = None,
+        text_model: str = MINILM,
+        text_config: dict | None = None,
+        embed_dim: int = 512,
+        fncn: bool = True,
+        identical_text_positive: bool = True,
+        anatomy_reduction: AnatomyReduction = "sum",
+        optimizer: OptimizerCallable = adamw,
+        warmup_epochs: float = 1.0,
+        min_lr: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer_factory = optimizer
+        self.loss = FineGrainedContrastiveLoss(
+            fncn=fncn,
+            identical_text_positive=identical_text_positive,
+            anatomy_reduction=anatomy_reduction,
+        )
+
+    def build_network(self, kind: Network) -> FineGrainedCLIP | GlobalCLIP:
+        """A fresh network of ``kind`` with this module's tower options."""
+        hp = self.hparams
+        text_config = None
+        if hp.text_config is not None:
+            from transformers import BertConfig
+
+            text_config = BertConfig(**hp.text_config)
+        common = {
+            "vision": hp.vision,
+            "text_model": hp.text_model,
+            "text_config": text_config,
+            "embed_dim": hp.embed_dim,
+        }
+        if kind == "global":
+            return GlobalCLIP(**common)
+        if hp.num_anatomies < 1:
+            raise ValueError("num_anatomies must be >= 1 (linked from data.num_anatomies)")
+        return FineGrainedCLIP(num_anatomies=hp.num_anatomies, **common)
+
+    def setup(self, stage: str) -> None:
+        """Tell the loss about the process group so features are gathered across ranks."""
+        self.loss.rank = self.global_rank
+        self.loss.world_size = self.trainer.world_size if self._trainer is not None else 1
+
+    def contrastive_loss(
+        self, out: FineGrainedOutput, soft_targets: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The loss of one network's output, optionally with Eq. 3's softened targets."""
+        return self.loss(
+            out.image_emb,
+            out.text_emb,
+            out.valid,
+            out.normal,
+            out.text_key,
+            out.logit_scale,
+            soft_targets=soft_targets,
+            alpha=self.hparams.get("alpha", 0.5),
+        )
+
+    def log_loss(self, stage: str, losses: dict[str, torch.Tensor], out: FineGrainedOutput) -> None:
+        """Log total, per-direction and per-anatomy losses and the temperature."""
+        batch_size = out.valid.shape[0]
+        sync = stage != "train"
+        self.log(
+            f"{stage}/loss", losses["loss"], prog_bar=True, batch_size=batch_size, sync_dist=sync
+        )
+        for key in ("loss_i2t", "loss_t2i"):
+            self.log(f"{stage}/{key}", losses[key], batch_size=batch_size, sync_dist=sync)
+        names = self.anatomy_names(out.valid.shape[1])
+        for name, value in zip(names, losses["per_anatomy"], strict=True):
+            if torch.isfinite(value):
+                self.log(f"{stage}/anatomy/{name}", value, batch_size=batch_size, sync_dist=sync)
+        self.log(f"{stage}/temperature", 1.0 / out.logit_scale.detach(), batch_size=batch_size)
+
+    def anatomy_names(self, count: int) -> list[str]:
+        """Anatomy names for logging (from the data module when there is one)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        names = getattr(datamodule, "anatomy_names", None)
+        if names is not None and len(names) == count:
+            return list(names)
+        return ["global"] if count == 1 else [str(i) for i in range(count)]
+
+    def make_optimizer(self, params: Iterable[nn.Parameter], share: float = 1.0) -> dict:
+        """Optimiser + per-step warm-up/cosine schedule over the whole run.
+
+        ``share`` is the fraction of training batches this optimiser steps on (co-teaching: 0.5).
+        """
+        optimizer = self.optimizer_factory(params)
+        total = max(1, int(self.trainer.estimated_stepping_batches * share))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        warmup = min(total, int(round(total * self.hparams.warmup_epochs / epochs)))
+        scheduler = warmup_cosine(optimizer, total, warmup, self.hparams.min_lr)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

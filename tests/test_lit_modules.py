@@ -1,0 +1,163 @@
+"""The LightningModules wire the plain pieces correctly: co-teaching, label correction, schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader
+
+from fvlm.lit_modules import CoTeachingModule, FineGrainedCLIPModule, GlobalCLIPModule
+from fvlm.lit_modules.schedule import warmup_cosine
+from fvlm.models import VisionConfig
+
+TINY_TEXT = {
+    "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+    "intermediate_size": 32, "max_position_embeddings": 32, "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}  # fmt: skip
+VISION = VisionConfig.vit_tiny(img_size=(8, 16, 16), patch_size=(4, 8, 8), hidden_size=16)
+A = 3
+
+
+def make_batch(seed: int, b: int = 4) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    anatomy = torch.zeros(b, 8, 16, 16, dtype=torch.uint8)
+    anatomy[:, :4, :8] = 1
+    anatomy[:, 4:, 8:] = 2
+    anatomy[:, :, :, 12:] = 3
+    ids = torch.randint(5, 64, (b, A, 6), generator=g)
+    ids[:, :, 0] = 1
+    normal = torch.rand(b, A, generator=g) > 0.5
+    ids[normal] = torch.tensor([1, 7, 8, 9, 2, 0])  # identical "normal" texts
+    mask = (ids != 0).long()
+    report = torch.randint(5, 64, (b, 10), generator=g)
+    return {
+        "image": torch.rand(b, 1, 8, 16, 16, generator=g),
+        "anatomy": anatomy,
+        "valid": torch.ones(b, A, dtype=torch.bool),
+        "normal": normal,
+        "text_input_ids": ids,
+        "text_attention_mask": mask,
+        "report_input_ids": report,
+        "report_attention_mask": torch.ones_like(report),
+        "study_id": [f"s{i}" for i in range(b)],
+    }
+
+
+class Batches(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.batches = [make_batch(i) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.batches[i]
+
+
+def loader(n: int = 4) -> DataLoader:
+    return DataLoader(Batches(n), batch_size=None)
+
+
+def fit(module, epochs: int = 1, n: int = 4, **trainer_args) -> Trainer:
+    trainer = Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, **trainer_args,
+    )  # fmt: skip
+    trainer.fit(module, loader(n))
+    return trainer
+
+
+def kwargs(**extra) -> dict:
+    return {"num_anatomies": A, "vision": VISION, "text_config": TINY_TEXT, "embed_dim": 8, **extra}
+
+
+def test_co_teaching_alternates_and_uses_the_partner(monkeypatch):
+    torch.manual_seed(0)
+    module = CoTeachingModule(**kwargs(burn_in_epochs=1, alpha=0.5))
+    before = [[p.detach().clone() for p in net.parameters()] for net in module.networks]
+    # Distinct initialisations (different seeds).
+    assert not torch.equal(before[0][0], before[1][0])
+    calls: list[tuple[int, bool]] = []
+    original = module.contrastive_loss
+
+    def spy(out, soft=None):
+        calls.append((module.trainer.fit_loop.epoch_loop.batch_idx, soft is not None))
+        if soft is not None:
+            assert not soft[0].requires_grad and not soft[1].requires_grad
+        return original(out, soft)
+
+    monkeypatch.setattr(module, "contrastive_loss", spy)
+    # Epoch 0 (burn-in): only network 0 trains on batch 0; nothing touches network 1.
+    fit(module, epochs=1, n=1)
+    after = [[p.detach() for p in net.parameters()] for net in module.networks]
+    assert any(not torch.equal(a, b) for a, b in zip(before[0], after[0], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before[1], after[1], strict=True))
+    assert calls == [(0, False)]
+
+
+def test_co_teaching_soft_targets_come_from_the_other_network():
+    torch.manual_seed(0)
+    module = CoTeachingModule(**kwargs(burn_in_epochs=0, alpha=0.5))
+    batch = make_batch(3)
+    seen = {}
+    original = module.loss.teacher_targets
+
+    def spy(image_emb, text_emb, valid, scale):
+        seen["image_emb"] = image_emb
+        return original(image_emb, text_emb, valid, scale)
+
+    module.loss.teacher_targets = spy
+    trainer = fit(module, epochs=1, n=2)
+    assert trainer.global_step == 2  # one optimiser step per batch, alternating networks
+    # The last batch (index 1) trained network 1, so the teacher was network 0.
+    with torch.no_grad():
+        expected = module.networks[0](make_batch(1)).image_emb
+    assert seen["image_emb"].shape == expected.shape
+    assert not seen["image_emb"].requires_grad
+    del batch
+
+
+@pytest.mark.parametrize("correction", ["none", "self", "momentum"])
+def test_label_corrections_train_and_loss_falls(correction):
+    torch.manual_seed(0)
+    module = FineGrainedCLIPModule(
+        **kwargs(label_correction=correction, burn_in_epochs=1, momentum=0.5)
+    )
+    batch = make_batch(0)
+    with torch.no_grad():
+        first = module.contrastive_loss(module(batch))["loss"].item()
+    fit(module, epochs=6, n=1)
+    with torch.no_grad():
+        last = module.contrastive_loss(module(batch))["loss"].item()
+    assert last < first
+    if correction == "momentum":
+        live = next(module.network.parameters())
+        ema = next(module.momentum_network.parameters())
+        assert not torch.equal(live, ema) and not ema.requires_grad
+
+
+def test_global_clip_module_trains():
+    torch.manual_seed(0)
+    module = GlobalCLIPModule(**kwargs())
+    out = module(make_batch(0))
+    assert out.image_emb.shape == (4, 1, 8)
+    fit(module, epochs=1, n=2)
+
+
+def test_warmup_cosine_schedule_numbers():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1e-4)
+    sched = warmup_cosine(opt, total_steps=100, warmup_steps=10, min_lr=1e-6)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-5)
+    assert lrs[9] == pytest.approx(1e-4)
+    assert lrs[55] == pytest.approx(1e-6 + (1e-4 - 1e-6) * 0.5, rel=0.02)
+    assert lrs[-1] == pytest.approx(1e-6, rel=0.1)
+    with pytest.raises(ValueError):
+        warmup_cosine(opt, total_steps=5, warmup_steps=6, min_lr=0)
