@@ -1,0 +1,224 @@
+"""``CTReportDataModule``: the preprocessing cache as train/val/test loaders of CT crops + texts."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import Counter
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, DistributedSampler
+
+from fvlm.anatomy import AnatomyTable, load_anatomy_table
+from fvlm.models.text import MINILM, resolve_text_model
+
+from .collate import collate_studies
+from .study_dataset import CachedStudyDataset, read_cache_manifest
+
+__all__ = ["CTReportDataModule", "Split"]
+
+Split = Literal["train", "val", "test"]
+
+
+class CTReportDataModule(LightningDataModule):
+    """Loaders over a preprocessing cache (``fvlm preprocess``) for fine-grained and global CLIP.
+
+    Training batches use the paper's anatomy-aware random crop and random flip (A.2); validation
+    and test batches use the centred crop without flip (see :class:`CachedStudyDataset`). Texts are
+    tokenised in the workers and padded per batch to the longest text. Batches follow
+    ``docs/architecture.md`` ("Batches").
+
+    The anatomy table is loaded at construction, so :attr:`num_anatomies`, :attr:`anatomy_names`
+    and :attr:`tokenizer_path` can be linked to the model by LightningCLI
+    (``parser.link_arguments("data.num_anatomies", ..., apply_on="instantiate")``).
+
+    Args:
+        cache_dir: The preprocessing cache: ``manifest.csv`` (``study_id, split, status``) and
+            ``studies/<id>/``. Only studies with status ``ok`` are used.
+        anatomy_table: Preset name (``paper``, ``chest``) or YAML path; must be the table the
+            cache was written with, since it fixes what the anatomy ids mean.
+        tokenizer: The text model whose tokenizer to use: ``"minilm"`` for the offline
+            all-MiniLM-L6-v2 package, else a local path or hub name (see
+            :func:`fvlm.models.text.resolve_text_model`). The CLI links it to the model's
+            ``text_model``, so texts are tokenised with the encoder's own vocabulary.
+        crop_size: Crop ``(d, h, w)`` in cache voxels (paper: 96 x 256 x 384 at 5 x 1 x 1 mm).
+        batch_size: Training batch size per device.
+        eval_batch_size: Validation/test batch size per device; ``None`` uses ``batch_size``.
+        num_workers: Loader worker processes (0 loads in the training process). Workers persist
+            across epochs so the per-worker tokenizer is built once.
+        max_text_length: Token limit of one anatomy text; the paper's texts are short, and
+            padding is dynamic, so this only bounds outliers.
+        report_max_length: Token limit of the whole report (global CLIP), at most the text
+            encoder's position limit (512 for BERT).
+        flip: Random flip in training (paper A.2 RandomFlip).
+        flip_axes: Axes flipped at random when ``flip``: 0 inferior-superior, 1 posterior-anterior,
+            2 left-right. The default mirrors left-right only, which keeps the body upright;
+            laterality words in reports then refer to the mirrored side.
+        seed: Seeds the training order (and, with workers, the workers' crop/flip randomness),
+            so two co-teaching networks given different seeds see different orders and
+            augmentations. With ``num_workers=0`` crops follow torch's global generator
+            (``seed_everything``). Under DDP it also seeds the ``DistributedSampler``.
+        pin_memory: Pin host memory for faster copies to the GPU; ``None`` pins when CUDA is
+            available.
+        train_split: ``split`` value of training studies in the cache manifest.
+        val_split: ``split`` value of validation studies (``valid`` for CT-RATE-style caches).
+        test_split: ``split`` value of test studies.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str,
+        anatomy_table: str = "paper",
+        tokenizer: str = MINILM,
+        crop_size: tuple[int, int, int] = (96, 256, 384),
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        max_text_length: int = 128,
+        report_max_length: int = 512,
+        flip: bool = True,
+        flip_axes: tuple[int, ...] = (2,),
+        seed: int = 0,
+        pin_memory: bool | None = None,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "test",
+    ) -> None:
+        super().__init__()
+        if len(crop_size) != 3 or any(int(c) < 1 for c in crop_size):
+            raise ValueError(f"crop_size must be 3 positive integers, got {crop_size!r}")
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError("batch_size and eval_batch_size must be >= 1")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if max_text_length < 2 or report_max_length < 2:
+            raise ValueError("max_text_length and report_max_length must be >= 2 (CLS + SEP)")
+        if any(a not in (0, 1, 2) for a in flip_axes) or len(set(flip_axes)) != len(flip_axes):
+            raise ValueError(f"flip_axes must be distinct values among 0, 1, 2, got {flip_axes}")
+        self.save_hyperparameters()
+        self.cache_dir = cache_dir
+        self.table: AnatomyTable = load_anatomy_table(anatomy_table)
+        self.tokenizer = tokenizer
+        self.crop_size = tuple(int(c) for c in crop_size)
+        self.batch_size = batch_size
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+        self.num_workers = num_workers
+        self.max_text_length = max_text_length
+        self.report_max_length = report_max_length
+        self.flip_axes = tuple(flip_axes) if flip else ()
+        self.seed = seed
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.splits: dict[Split, str] = {"train": train_split, "val": val_split, "test": test_split}
+        self.datasets: dict[Split, CachedStudyDataset] = {}
+
+    @property
+    def num_anatomies(self) -> int:
+        """Length of the anatomy axis ``A`` of ``valid``, ``normal`` and the text tensors."""
+        return len(self.table)
+
+    @property
+    def anatomy_names(self) -> list[str]:
+        """Anatomy names in the order of the anatomy axis."""
+        return self.table.names
+
+    @property
+    def tokenizer_path(self) -> str:
+        """The tokenizer's resolved path or hub name (link it to the text encoder)."""
+        return resolve_text_model(self.tokenizer)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets a stage needs from the cache manifest's ``split`` column.
+
+        ``fit`` builds train and val, ``validate`` val, ``test`` and ``predict`` test; ``None``
+        builds all three. Fitting with no ``ok`` training study raises a ``ValueError`` that
+        lists what the manifest holds.
+        """
+        wanted: dict[str | None, tuple[Split, ...]] = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("test",),
+            None: ("train", "val", "test"),
+        }
+        if stage not in wanted:
+            raise ValueError(f"unknown stage {stage!r}")
+        for split in wanted[stage]:
+            if split not in self.datasets:
+                self.datasets[split] = self._build_dataset(split)
+        if stage == "fit" and len(self.datasets["train"]) == 0:
+            counts = Counter(
+                (row["split"], row["status"]) for row in read_cache_manifest(self.cache_dir)
+            )
+            raise ValueError(
+                f"cache {self.cache_dir!r} has no 'ok' study in split {self.splits['train']!r}; "
+                f"(split, status) counts: {dict(counts)}"
+            )
+
+    def _build_dataset(self, split: Split) -> CachedStudyDataset:
+        return CachedStudyDataset(
+            cache_dir=self.cache_dir,
+            split=self.splits[split],
+            table=self.table,
+            crop_size=self.crop_size,
+            train=split == "train",
+            tokenizer=self.tokenizer,
+            max_text_length=self.max_text_length,
+            report_max_length=self.report_max_length,
+            flip_axes=self.flip_axes,
+        )
+
+    def _dataloader_factory(self, split: Split) -> DataLoader:
+        """One loader recipe for every split; training shuffles with a generator seeded by ``seed``.
+
+        The training loader drops an incomplete last batch once a full batch exists: a
+        contrastive loss over a batch of one has no negatives. Under multi-process training the
+        training loader brings its own ``DistributedSampler`` seeded by ``seed`` (Lightning's
+        would follow the global seed), so the data order still depends on this module's seed.
+        """
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        dataset = self.datasets[split]
+        train = split == "train"
+        batch_size = self.batch_size if train else self.eval_batch_size
+        if self.num_workers > 0:
+            # Forked workers inherit the parent's tokenizer; its thread pool must not be live.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        generator = torch.Generator().manual_seed(self.seed) if train else None
+        drop_last = train and len(dataset) >= batch_size
+        sampler = None
+        trainer = self.trainer
+        if train and trainer is not None and trainer.world_size > 1:
+            sampler = DistributedSampler(
+                dataset,
+                num_replicas=trainer.world_size,
+                rank=trainer.global_rank,
+                shuffle=True,
+                seed=self.seed,
+                drop_last=drop_last,
+            )
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            collate_fn=functools.partial(collate_studies, pad_token_id=dataset.pad_token_id),
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            generator=generator,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, anatomy-aware random crops with flips."""
+        return self._dataloader_factory("train")
+
+    def val_dataloader(self) -> DataLoader:
+        """Ordered, centre-cropped validation studies."""
+        return self._dataloader_factory("val")
+
+    def test_dataloader(self) -> DataLoader:
+        """Ordered, centre-cropped test studies."""
+        return self._dataloader_factory("test")

@@ -1,0 +1,266 @@
+"""A map-style dataset over the preprocessing cache: crop, flip and tokenise one study per item.
+
+The cache (``docs/architecture.md``, "Preprocessing cache") holds each study as memory-mappable
+``.npy`` arrays plus two small JSON files. A sample decides its crop from the per-anatomy bounding
+boxes in ``meta.json`` first, then reads only the crop's pages of ``image.npy`` and
+``anatomy.npy``, so loading cost scales with the crop, not with the scan. Tokenisation happens
+here, i.e. in the loader's worker processes, so the training process never waits on it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fvlm.anatomy import AnatomyTable
+from fvlm.crop import (
+    anatomy_aware_crop_box,
+    bboxes_to_array,
+    center_crop_start,
+    crop_array,
+    crop_valid,
+    draw_flip_axes,
+)
+from fvlm.models.text import MINILM, load_tokenizer
+
+__all__ = ["CachedStudyDataset", "read_cache_manifest"]
+
+_MANIFEST_COLUMNS = ("study_id", "split", "status")
+
+
+def read_cache_manifest(cache_dir: str | Path) -> list[dict[str, str]]:
+    """Rows of ``<cache>/manifest.csv`` (any status), checked for the columns the loader needs."""
+    path = Path(cache_dir) / "manifest.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"no cache manifest at {path}; run `fvlm preprocess` first")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in _MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing columns {missing} (has {reader.fieldnames})")
+        return [dict(row) for row in reader]
+
+
+class CachedStudyDataset(Dataset):
+    """Studies of one split of the cache, as fixed-size crops with their per-anatomy texts.
+
+    Train mode draws the paper's anatomy-aware random crop (A.2: an anatomy chosen uniformly among
+    those present is wholly inside the crop) and a random flip. Eval mode takes the deterministic
+    centre crop with no flip, padding axes where the volume is smaller than the crop, so every
+    epoch scores the same voxels. In both modes an anatomy is ``valid`` only if it is present and
+    wholly inside the crop (Sec. 3.2: truncated anatomies are left out of the loss).
+
+    Randomness comes from torch's per-process generator (one seed drawn per item), which the
+    DataLoader seeds per worker from its own ``generator``; runs are thus reproducible given the
+    loader's generator (workers) or ``seed_everything`` (no workers), and differ between epochs.
+
+    A sample is a dict with:
+        ``image`` float32 ``(1, d, h, w)``; ``anatomy`` uint8 ``(d, h, w)`` holding ``a + 1`` for
+        anatomy table index ``a`` and 0 for background (for the bundled presets this equals the
+        table id); ``valid``, ``normal`` bool ``(A,)``; ``text_input_ids``,
+        ``text_attention_mask`` long ``(A, L)`` (padded to the sample's longest text);
+        ``report_input_ids``, ``report_attention_mask`` long ``(L,)`` (findings then impression);
+        ``study_id`` str.
+
+    Args:
+        cache_dir: The preprocessing cache (``manifest.csv`` and ``studies/``).
+        split: Value of the manifest's ``split`` column to serve; ``None`` serves every split.
+        table: The anatomy table the cache was written with (fixes the anatomy axis order).
+        crop_size: Crop ``(d, h, w)`` in voxels of the cache grid (paper: 96, 256, 384).
+        train: Random anatomy-aware crop and flip if true, centre crop otherwise.
+        tokenizer: ``"minilm"`` (offline default) or a path / hub name for ``AutoTokenizer``.
+        max_text_length: Token limit of one anatomy text (longer ones are truncated).
+        report_max_length: Token limit of the whole report (global CLIP).
+        flip_axes: Axes flipped at random in train mode (see :func:`fvlm.crop.random_flip`);
+            ``()`` disables flipping.
+        flip_prob: Probability of flipping each axis of ``flip_axes``.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        split: str | None,
+        table: AnatomyTable,
+        crop_size: Sequence[int],
+        train: bool,
+        tokenizer: str = MINILM,
+        max_text_length: int = 128,
+        report_max_length: int = 512,
+        flip_axes: Sequence[int] = (2,),
+        flip_prob: float = 0.5,
+    ) -> None:
+        crop = tuple(int(c) for c in crop_size)
+        if len(crop) != 3 or min(crop) < 1:
+            raise ValueError(f"crop_size must be 3 positive integers, got {crop_size!r}")
+        if max_text_length < 2 or report_max_length < 2:
+            raise ValueError("max_text_length and report_max_length must be >= 2 (CLS + SEP)")
+        if any(a not in (0, 1, 2) for a in flip_axes) or not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"bad flip settings: axes {flip_axes!r}, prob {flip_prob}")
+        self.cache_dir = Path(cache_dir)
+        self.split = split
+        self.table = table
+        self.crop_size = crop
+        self.train = train
+        self.tokenizer_name = tokenizer
+        self.max_text_length = int(max_text_length)
+        self.report_max_length = int(report_max_length)
+        self.flip_axes = tuple(int(a) for a in flip_axes)
+        self.flip_prob = float(flip_prob)
+        rows = read_cache_manifest(self.cache_dir)
+        self.study_ids = [
+            row["study_id"]
+            for row in rows
+            if row["status"] == "ok" and (split is None or row["split"] == split)
+        ]
+        # Anatomy id (cache value) -> table index + 1; ids outside the table become background
+        # (a cache of another table is caught earlier, by the anatomy names in meta.json).
+        self._lut = np.zeros(256, dtype=np.uint8)
+        self._lut[np.asarray(table.ids)] = np.arange(1, len(table) + 1)
+        # The bundled presets number their anatomies 1..A already: skip the per-voxel lookup.
+        self._lut_is_identity = table.ids == list(range(1, len(table) + 1))
+        self._tokenizer: Any = None
+
+    def __len__(self) -> int:
+        return len(self.study_ids)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Drop the tokenizer when pickled (spawned workers), so each worker builds its own."""
+        state = self.__dict__.copy()
+        state["_tokenizer"] = None
+        return state
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer, built on first use in each process (workers included)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        """Padding id for :func:`~fvlm.data_modules.collate.collate_studies` (0 when undefined)."""
+        pad = self.tokenizer.pad_token_id
+        return 0 if pad is None else int(pad)
+
+    def study_dir(self, study_id: str) -> Path:
+        """Directory of one study in the cache."""
+        return self.cache_dir / "studies" / study_id
+
+    def read_bboxes(self, meta: dict[str, Any], study_id: str) -> np.ndarray:
+        """``(A, 3, 2)`` boxes in table order from ``meta.json`` (empty box = absent anatomy)."""
+        entries = meta.get("anatomies") or {}
+        self._check_names(entries, study_id, "meta.json")
+        boxes = {
+            name: entry.get("bbox")
+            for name, entry in entries.items()
+            if entry and entry.get("bbox") is not None and (entry.get("voxels") or 0) > 0
+        }
+        return bboxes_to_array(boxes, self.table.names)
+
+    def read_texts(self, report: dict[str, Any], study_id: str) -> tuple[list[str], np.ndarray]:
+        """Per-anatomy texts and normal flags in table order from ``report.json``.
+
+        An anatomy the report does not list gets the paper's default text and counts as normal
+        (it cannot be mentioned in the impression).
+        """
+        entries = report.get("anatomies") or {}
+        self._check_names(entries, study_id, "report.json")
+        texts, normal = [], np.ones(len(self.table), dtype=bool)
+        for i, anatomy in enumerate(self.table.anatomies):
+            entry = entries.get(anatomy.name) or {}
+            text = entry.get("text")
+            texts.append(text.strip() if isinstance(text, str) and text.strip() else None)
+            if texts[-1] is None:
+                texts[-1] = anatomy.default_text
+            normal[i] = bool(entry.get("normal", True))
+        return texts, normal
+
+    def _check_names(self, entries: dict[str, Any], study_id: str, where: str) -> None:
+        unknown = sorted(set(entries) - set(self.table.names))
+        if unknown:
+            raise ValueError(
+                f"study {study_id!r}: {where} names anatomies {unknown[:5]} that the anatomy table "
+                f"{self.table.name!r} lacks; was the cache written with another table?"
+            )
+
+    def choose_crop(
+        self, shape: Sequence[int], bboxes: np.ndarray, rng: np.random.Generator | None
+    ) -> np.ndarray:
+        """Crop start: anatomy-aware random in train mode (``rng`` given), centred otherwise."""
+        if rng is None:
+            return center_crop_start(shape, self.crop_size)
+        start, _ = anatomy_aware_crop_box(shape, self.crop_size, bboxes, rng)
+        return start
+
+    @staticmethod
+    def _item_rng() -> np.random.Generator:
+        """A generator for one item, seeded from torch's per-process (per-worker) generator."""
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        return np.random.default_rng(seed)
+
+    def _tokenize(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        encoded = self.tokenizer(
+            texts,
+            truncation=True,
+            max_length=max_length,
+            padding="longest",
+            return_tensors="pt",
+        )
+        return encoded["input_ids"].long(), encoded["attention_mask"].long()
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        study_id = self.study_ids[index]
+        folder = self.study_dir(study_id)
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            report = json.loads((folder / "report.json").read_text())
+            image = np.load(folder / "image.npy", mmap_mode="r")
+            labels = np.load(folder / "anatomy.npy", mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise RuntimeError(f"study {study_id!r}: cannot read {folder}: {err}") from err
+        if image.ndim != 3 or image.shape != labels.shape:
+            raise ValueError(
+                f"study {study_id!r}: image {image.shape} and anatomy {labels.shape} must be the "
+                "same 3D shape"
+            )
+        if "shape" in meta and tuple(meta["shape"]) != image.shape:
+            raise ValueError(
+                f"study {study_id!r}: meta.json shape {meta['shape']} != image {image.shape}"
+            )
+
+        rng = self._item_rng() if self.train else None
+        bboxes = self.read_bboxes(meta, study_id)
+        start = self.choose_crop(image.shape, bboxes, rng)
+        valid = crop_valid(bboxes, start, self.crop_size)
+        flip = draw_flip_axes(self.flip_axes, rng, self.flip_prob) if rng is not None else ()
+        image_crop = crop_array(
+            image, start, self.crop_size, pad_value=0.0, dtype=np.float32, flip=flip
+        )
+        anatomy_crop = crop_array(labels, start, self.crop_size, pad_value=0, flip=flip)
+        if not self._lut_is_identity:
+            anatomy_crop = self._lut[anatomy_crop]
+
+        texts, normal = self.read_texts(report, study_id)
+        text_ids, text_mask = self._tokenize(texts, self.max_text_length)
+        whole = " ".join(
+            part.strip() for part in (report.get("findings"), report.get("impression")) if part
+        )
+        report_ids, report_mask = self._tokenize([whole], self.report_max_length)
+        return {
+            "image": torch.from_numpy(image_crop).unsqueeze(0),
+            "anatomy": torch.from_numpy(anatomy_crop),
+            "valid": torch.from_numpy(valid),
+            "normal": torch.from_numpy(normal),
+            "text_input_ids": text_ids,
+            "text_attention_mask": text_mask,
+            "report_input_ids": report_ids[0],
+            "report_attention_mask": report_mask[0],
+            "study_id": study_id,
+        }

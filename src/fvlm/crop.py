@@ -1,0 +1,297 @@
+"""Anatomy-aware random crop, crop validity and consistent flips (plain numpy).
+
+The paper crops CT volumes to a fixed size so they batch (Sec. 3.2, RandomCrop) and drops every
+anatomy the crop truncates from the loss, because a partial organ may miss the very finding its
+text describes. A purely random crop would then mostly drop the large anatomies, so the paper
+(A.2) first picks an anatomy uniformly among those present and places the crop so that anatomy is
+wholly inside. This module implements exactly that, on bounding boxes only, so a data loader can
+decide the crop before it reads a single voxel and then read only the crop from a memory map.
+
+Conventions:
+    * A bounding box is half-open per axis, ``[[d0, d1], [h0, h1], [w0, w1]]`` (as in the cache's
+      ``meta.json``), stored as one row of an ``(A, 3, 2)`` integer array in anatomy-table order.
+    * An anatomy is *absent* when its box is empty on any axis (``hi <= lo``), e.g. all zeros.
+    * A crop is given by its ``start`` corner (3 ints) and ``crop_size``. A ``start`` below 0 or a
+      crop end beyond the volume means padding: where the volume is smaller than the crop along an
+      axis, the crop always covers the whole volume along it and the rest is padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "ABSENT_BBOX",
+    "anatomy_aware_crop_box",
+    "bboxes_to_array",
+    "center_crop_start",
+    "crop_array",
+    "crop_pad_width",
+    "crop_valid",
+    "draw_flip_axes",
+    "random_crop_start",
+    "random_flip",
+]
+
+#: The box that marks an absent anatomy (empty on every axis).
+ABSENT_BBOX = ((0, 0), (0, 0), (0, 0))
+
+BBoxes = np.ndarray | Mapping[str, Sequence[Sequence[int]] | None]
+
+
+def _triple(value: Sequence[int], what: str, minimum: int) -> np.ndarray:
+    """Check a 3-vector of integers (a shape, a crop size or a start) and return it as int64."""
+    array = np.asarray(value)
+    if array.shape != (3,) or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{what} must be 3 integers (D, H, W), got {value!r}")
+    array = array.astype(np.int64)
+    if (array < minimum).any():
+        raise ValueError(f"{what} must be >= {minimum} on every axis, got {tuple(array.tolist())}")
+    return array
+
+
+def bboxes_to_array(
+    bboxes: Mapping[str, Sequence[Sequence[int]] | None], names: Sequence[str]
+) -> np.ndarray:
+    """Boxes from a ``{name: box}`` mapping as an ``(A, 3, 2)`` array in ``names`` order.
+
+    The cache stores boxes by anatomy name; the model indexes anatomies by table position, so the
+    table's order decides the rows. Names missing from the mapping or mapped to ``None`` are absent.
+    """
+    array = np.zeros((len(names), 3, 2), dtype=np.int64)
+    for i, name in enumerate(names):
+        box = bboxes.get(name)
+        if box is None:
+            continue
+        row = np.asarray(box)
+        if row.shape != (3, 2):
+            raise ValueError(
+                f"bbox of {name!r} must be [[d0, d1], [h0, h1], [w0, w1]], got {box!r}"
+            )
+        array[i] = row
+    return array
+
+
+def _as_bbox_array(bboxes: BBoxes, shape: np.ndarray | None) -> np.ndarray:
+    """Validate boxes; a mapping is taken in its own key order (the caller's anatomy order)."""
+    if isinstance(bboxes, Mapping):
+        bboxes = bboxes_to_array(bboxes, list(bboxes))
+    array = np.asarray(bboxes)
+    if array.ndim != 3 or array.shape[1:] != (3, 2):
+        raise ValueError(f"bboxes must have shape (A, 3, 2), got {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"bboxes must be integers, got dtype {array.dtype}")
+    array = array.astype(np.int64)
+    if shape is not None:
+        present = _present(array)
+        inside = (array[..., 0] >= 0) & (array[..., 1] <= shape)
+        bad = present & ~inside.all(axis=1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"bbox {i} {array[i].tolist()} lies outside the volume of shape {shape.tolist()}"
+            )
+    return array
+
+
+def _present(bboxes: np.ndarray) -> np.ndarray:
+    """``(A,)`` bool: the box is non-empty on every axis."""
+    return (bboxes[..., 1] > bboxes[..., 0]).all(axis=1)
+
+
+def _start_range(shape: np.ndarray, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusive range of starts keeping the crop inside the volume (or the volume inside the crop).
+
+    Along an axis where the volume is larger than the crop, the crop must stay inside the volume
+    (no padding needed); where it is smaller, the crop must cover the whole volume (no voxel lost).
+    """
+    return np.minimum(0, shape - crop), np.maximum(0, shape - crop)
+
+
+def random_crop_start(
+    shape: Sequence[int], crop_size: Sequence[int], rng: np.random.Generator
+) -> np.ndarray:
+    """Start of a uniformly random crop (anatomy-agnostic), padding axes smaller than the crop."""
+    shape_a, crop = _triple(shape, "shape", 1), _triple(crop_size, "crop_size", 1)
+    low, high = _start_range(shape_a, crop)
+    return rng.integers(low, high + 1).astype(np.int64)
+
+
+def center_crop_start(shape: Sequence[int], crop_size: Sequence[int]) -> np.ndarray:
+    """Start of the centred crop; deterministic, so evaluation sees the same region every epoch.
+
+    Where the volume is smaller than the crop the start is negative and the padding is split
+    evenly (one more voxel after than before when odd).
+    """
+    shape_a, crop = _triple(shape, "shape", 1), _triple(crop_size, "crop_size", 1)
+    return (shape_a - crop) // 2
+
+
+def anatomy_aware_crop_box(
+    shape: Sequence[int],
+    crop_size: Sequence[int],
+    bboxes: BBoxes,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, int]:
+    """Choose a crop that wholly contains one uniformly chosen anatomy (paper A.2).
+
+    The anatomy is drawn uniformly among those that are present and whose box fits in the crop
+    (an anatomy larger than the crop on some axis can never be complete, so drawing it would only
+    waste the sample). The start is then drawn uniformly, independently per axis, among the
+    positions whose crop contains that box wholly and which keep the crop inside the volume (or
+    the whole volume inside the crop, along axes where the volume is smaller than the crop).
+
+    If no present anatomy fits (or none is present), the crop falls back to a uniformly random
+    crop and the returned index is ``-1``; :func:`crop_valid` then flags whatever happens to be
+    complete, so the sample still contributes what it can.
+
+    Args:
+        shape: Volume shape ``(D, H, W)``.
+        crop_size: Crop shape ``(d, h, w)``.
+        bboxes: ``(A, 3, 2)`` half-open boxes in anatomy order (empty box = absent), or a
+            ``{name: box or None}`` mapping taken in its key order.
+        rng: Source of randomness; pass a seeded generator for reproducible crops.
+
+    Returns:
+        ``(start, index)``: the crop's start corner ``(3,)`` int64 (negative where the crop pads
+        before the volume) and the chosen anatomy's index, or ``-1`` for the fallback.
+
+    Raises:
+        ValueError: On a malformed shape, crop size or box array, or a box outside the volume.
+    """
+    shape_a, crop = _triple(shape, "shape", 1), _triple(crop_size, "crop_size", 1)
+    boxes = _as_bbox_array(bboxes, shape_a)
+    low, high = _start_range(shape_a, crop)
+    extent = boxes[..., 1] - boxes[..., 0]
+    candidates = np.flatnonzero(_present(boxes) & (extent <= crop).all(axis=1))
+    if candidates.size == 0:
+        return rng.integers(low, high + 1).astype(np.int64), -1
+    index = int(rng.choice(candidates))
+    box = boxes[index]
+    first = np.maximum(low, box[:, 1] - crop)  # crop end must reach the box end
+    last = np.minimum(high, box[:, 0])  # crop start must not pass the box start
+    return rng.integers(first, last + 1).astype(np.int64), index
+
+
+def crop_valid(bboxes: BBoxes, start: Sequence[int], crop_size: Sequence[int]) -> np.ndarray:
+    """``(A,)`` bool: the anatomy is present and its box lies wholly inside the crop.
+
+    Truncated anatomies are invalid: the paper leaves them out of the contrastive loss because the
+    missing part may hold the finding the text describes (Sec. 3.2).
+    """
+    start_a = _triple(start, "start", np.iinfo(np.int64).min)
+    crop = _triple(crop_size, "crop_size", 1)
+    boxes = _as_bbox_array(bboxes, None)
+    inside = (boxes[..., 0] >= start_a) & (boxes[..., 1] <= start_a + crop)
+    return _present(boxes) & inside.all(axis=1)
+
+
+def crop_pad_width(
+    shape: Sequence[int], start: Sequence[int], crop_size: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...], tuple[tuple[int, int], ...]]:
+    """Where a crop reads from the volume, where that lands in the crop, and the padding per axis.
+
+    Returns ``(source, target, pad)``: ``volume[source]`` is the part of the crop inside the
+    volume, ``crop[target]`` is where it goes, and ``pad`` holds ``(before, after)`` voxels of
+    padding per axis (in ``np.pad`` order).
+    """
+    shape_a = _triple(shape, "shape", 0)
+    start_a = _triple(start, "start", np.iinfo(np.int64).min)
+    crop = _triple(crop_size, "crop_size", 1)
+    lo = np.clip(start_a, 0, shape_a)
+    hi = np.clip(start_a + crop, 0, shape_a)
+    hi = np.maximum(hi, lo)
+    source = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    before = lo - start_a
+    target = tuple(slice(int(a), int(a + b - c)) for a, b, c in zip(before, hi, lo, strict=True))
+    after = crop - before - (hi - lo)
+    pad = tuple((int(a), int(b)) for a, b in zip(before, after, strict=True))
+    return source, target, pad
+
+
+def crop_array(
+    array: np.ndarray,
+    start: Sequence[int],
+    crop_size: Sequence[int],
+    pad_value: float | int = 0,
+    dtype: npt.DTypeLike | None = None,
+    flip: Sequence[int] = (),
+) -> np.ndarray:
+    """Crop the last three axes of ``array``, padding with ``pad_value`` outside the volume.
+
+    Only the crop's region is indexed, so on a ``np.load(..., mmap_mode="r")`` array only the pages
+    holding the crop are read from disk. The result is a fresh, writable, C-contiguous array;
+    giving ``dtype`` converts while copying (e.g. float16 cache -> float32 sample), and ``flip``
+    (spatial axes ``0..2``, e.g. from :func:`draw_flip_axes`) mirrors the crop while copying,
+    so neither costs a second full-size copy.
+    """
+    array_shape = np.shape(array)
+    if len(array_shape) < 3:
+        raise ValueError(f"array must have at least 3 dimensions, got shape {array_shape}")
+    flip = _check_axes(flip)
+    source, target, _ = crop_pad_width(array_shape[-3:], start, crop_size)
+    crop = tuple(int(c) for c in crop_size)
+    out = np.full(array_shape[:-3] + crop, pad_value, dtype=array.dtype if dtype is None else dtype)
+    source_l, target_l = list(source), list(target)
+    for axis in flip:
+        src, dst = source[axis], target[axis]
+        if src.stop > src.start:  # mirror the target window and read the source backwards
+            target_l[axis] = slice(crop[axis] - dst.stop, crop[axis] - dst.start)
+            source_l[axis] = slice(src.stop - 1, src.start - 1 if src.start > 0 else None, -1)
+    lead = (Ellipsis,)
+    out[lead + tuple(target_l)] = array[lead + tuple(source_l)]
+    return out
+
+
+def _check_axes(axes: Sequence[int]) -> tuple[int, ...]:
+    axes = tuple(int(a) for a in axes)
+    if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+        raise ValueError(f"flip axes must be distinct values among 0, 1, 2, got {axes}")
+    return axes
+
+
+def draw_flip_axes(
+    axes: Sequence[int], rng: np.random.Generator, prob: float = 0.5
+) -> tuple[int, ...]:
+    """The subset of ``axes`` to flip: each independently with probability ``prob``.
+
+    Drawing the axes apart from flipping lets a loader fold the flip into its crop read
+    (``crop_array(..., flip=...)``) for the image and the anatomy map alike.
+    """
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"flip prob must be in [0, 1], got {prob}")
+    return tuple(a for a in _check_axes(axes) if rng.random() < prob)
+
+
+def random_flip(
+    arrays: Sequence[np.ndarray],
+    axes: Sequence[int],
+    rng: np.random.Generator,
+    prob: float = 0.5,
+) -> tuple[list[np.ndarray], tuple[int, ...]]:
+    """Flip every array along the same randomly chosen spatial axes (paper A.2, RandomFlip).
+
+    Each axis in ``axes`` (0 = inferior-superior, 1 = posterior-anterior, 2 = left-right of the
+    canonical cache layout; counted from the last three axes, so channel-first arrays work too)
+    is flipped independently with probability ``prob``, identically for all arrays, so an image
+    and its anatomy map stay aligned. Crop validity is unaffected: a flip maps the crop onto
+    itself. A left-right flip needs no relabelling because the anatomy table merges left and
+    right structures (one ``kidney``, one ``lung``); note that laterality words in the report
+    ("left kidney") then describe the mirrored side, which is why the flip axes are a choice.
+
+    Returns:
+        The arrays (flipped ones as contiguous copies, ready for ``torch.from_numpy``; the
+        others as given) and the flipped axes (as given, ``0..2``).
+    """
+    flipped = draw_flip_axes(axes, rng, prob)
+    out = []
+    for array in arrays:
+        if np.ndim(array) < 3:
+            raise ValueError(f"arrays must have at least 3 dimensions, got {np.shape(array)}")
+        if flipped:
+            array = np.ascontiguousarray(np.flip(array, axis=[a - 3 for a in flipped]))
+        out.append(array)
+    return out, flipped
