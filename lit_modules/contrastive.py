@@ -78,8 +78,11 @@ class ContrastiveModule(LightningModule):
             from transformers import BertConfig
 
             text_config = BertConfig(**hp.text_config)
+        vision = hp.vision
+        if isinstance(vision, dict):  # hparams restored from YAML or a checkpoint
+            vision = VisionConfig(**vision)
         common = {
-            "vision": hp.vision,
+            "vision": vision,
             "text_model": hp.text_model,
             "text_config": text_config,
             "embed_dim": hp.embed_dim,
