@@ -11,11 +11,12 @@ export TOKENIZERS_PARALLELISM ?= false
 DATA ?= data/phantom
 MANIFEST ?= $(DATA)/manifest.csv
 CACHE ?= data/cache/phantom
-N_STUDIES ?= 96
+N_STUDIES ?= 240
+PREPROCESS_CONFIG ?= configs/preprocess/phantom.yaml
 WORKERS ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-slow lint format phantom preprocess demo bench eval-ctrate clean
+.PHONY: help venv test test-slow lint format phantom preprocess train-demo eval-demo demo bench eval-ctrate clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -45,10 +46,30 @@ test-slow: $(STAMP) ## Run the slow end-to-end tests too
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 phantom: $(STAMP) ## Generate the synthetic CT phantom in $(DATA)
-	$(BIN)/fvlm phantom --out $(DATA) --n-studies $(N_STUDIES) --seed 0
+	$(BIN)/fvlm phantom --out $(DATA) --n-studies $(N_STUDIES) --seed 0 --splits 0.6 0.1 0.3
 
-demo: phantom ## Install, make phantom data, (later: preprocess, train, evaluate)
-	@echo "Phantom written to $(DATA). Next steps (preprocess/train/evaluate) are added as they land."
+preprocess: $(STAMP) ## Preprocess $(MANIFEST) into $(CACHE) (default: the phantom; runs `phantom` if needed)
+	@test -f $(MANIFEST) || $(MAKE) --no-print-directory phantom
+	$(BIN)/fvlm preprocess --config $(PREPROCESS_CONFIG) --manifest $(MANIFEST) --cache $(CACHE) --workers $(WORKERS)
+
+train-demo: preprocess ## Train fVLM and the CLIP baseline on the phantom (CPU, tiny configs)
+	rm -rf runs/demo/fvlm runs/demo/clip
+	$(BIN)/fvlm fit --config configs/demo.yaml --data.cache_dir $(CACHE)
+	$(BIN)/fvlm fit --config configs/demo_clip.yaml --data.cache_dir $(CACHE)
+
+eval-demo: $(STAMP) ## Zero-shot evaluation of the demo checkpoints on held-out phantom studies
+	$(BIN)/fvlm evaluate --cache $(CACHE) --labels $(DATA)/labels.csv --benchmark phantom \
+		--ckpt runs/demo/fvlm/checkpoints/last.ckpt --name fVLM \
+		--ckpt runs/demo/clip/checkpoints/last.ckpt --name CLIP --out runs/demo/eval
+
+demo: ## Install, make phantom data, preprocess, train fVLM + CLIP, evaluate, print the table
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory phantom preprocess train-demo eval-demo && \
+	echo "demo finished in $$(( $$(date +%s) - start )) s; plots and tables in runs/demo/eval/"
+
+bench: $(STAMP) ## Benchmarks: preprocessing vs naive, fine-grained vs CLIP step, loader vs step
+	$(BIN)/python benchmarks/bench_preprocess.py
+	$(BIN)/python benchmarks/bench_train.py
 
 clean: ## Remove generated data, logs and the virtual environment
 	rm -rf data runs lightning_logs $(VENV)

@@ -6,7 +6,9 @@ in which network(s) they build and how a step uses them; everything else lives h
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -18,7 +20,7 @@ from fvlm.lit_modules.schedule import warmup_cosine
 from fvlm.loss import AnatomyReduction, FineGrainedContrastiveLoss
 from fvlm.models import MINILM, FineGrainedCLIP, FineGrainedOutput, GlobalCLIP, VisionConfig
 
-__all__ = ["ContrastiveModule", "Network", "adamw"]
+__all__ = ["ContrastiveModule", "Network", "adamw", "load_checkpoint"]
 
 Network = Literal["fine_grained", "global"]
 
@@ -38,6 +40,8 @@ class ContrastiveModule(LightningModule):
             (linked from the data module's tokenizer so both always match).
         text_config: Keyword arguments of a ``BertConfig`` for a randomly initialised text tower
             (tests); overrides ``text_model``.
+        text_trainable_layers: Train only the last ``k`` text layers (``None``: all, as the paper;
+            ``0``: frozen backbone, only the projection learns; fast on CPU).
         embed_dim: Joint embedding width.
         fncn: False-negative correction of normals (Tab. 4 "FNCN").
         identical_text_positive: Identical anatomy descriptions are positives of each other.
@@ -53,6 +57,7 @@ class ContrastiveModule(LightningModule):
         vision: VisionConfig | None = None,
         text_model: str = MINILM,
         text_config: dict | None = None,
+        text_trainable_layers: int | None = None,
         embed_dim: int = 512,
         fncn: bool = True,
         identical_text_positive: bool = True,
@@ -85,6 +90,7 @@ class ContrastiveModule(LightningModule):
             "vision": vision,
             "text_model": hp.text_model,
             "text_config": text_config,
+            "text_trainable_layers": hp.text_trainable_layers,
             "embed_dim": hp.embed_dim,
         }
         if kind == "global":
@@ -150,3 +156,18 @@ class ContrastiveModule(LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the module class so :func:`load_checkpoint` needs no other information."""
+        checkpoint["fvlm_module"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> ContrastiveModule:
+    """Load any fvlm training checkpoint (fVLM, co-teaching or CLIP) in eval mode."""
+    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    if "fvlm_module" not in checkpoint:
+        raise ValueError(f"{path}: not an fvlm checkpoint (no 'fvlm_module' entry)")
+    module_name, _, class_name = checkpoint["fvlm_module"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=False)
+    return module.eval()

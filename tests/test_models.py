@@ -531,3 +531,32 @@ def test_global_clip_is_plain_clip_with_one_anatomy() -> None:
     assert model.global_embedding(batch["image"]).shape == (3, E)
     clip_loss(out).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_frozen_text_backbone_caches_features_and_trains_only_the_projection():
+    encoder = TextEncoder(config=tiny_bert(dropout=0.1), embed_dim=8, trainable_layers=0)
+    encoder.train()
+    assert not encoder.backbone.training  # frozen: no dropout noise
+    calls = []
+    encoder.backbone.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    ids = torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0], [2, 5, 6, 3]])
+    mask = (ids != 0).long()
+    first = encoder(ids, mask)
+    second = encoder(ids[[1, 0]], mask[[1, 0]])
+    assert calls == [3]  # one backbone call; the second call is served from the cache
+    assert torch.allclose(first[[1, 0]], second)
+    first.sum().backward()
+    assert encoder.proj.weight.grad is not None
+    assert all(p.grad is None and not p.requires_grad for p in encoder.backbone.parameters())
+
+
+def test_trainable_layers_freezes_all_but_the_last():
+    encoder = TextEncoder(config=tiny_bert(), embed_dim=8, trainable_layers=1)
+    layers = encoder.backbone.encoder.layer
+    assert all(p.requires_grad for p in layers[-1].parameters())
+    assert not any(p.requires_grad for p in encoder.backbone.embeddings.parameters())
+    assert not encoder.frozen
+    with pytest.raises(ValueError, match="trainable_layers"):
+        TextEncoder(config=tiny_bert(), embed_dim=8, trainable_layers=99)

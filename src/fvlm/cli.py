@@ -14,7 +14,8 @@ from importlib import import_module
 _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "phantom": ("fvlm.phantom.cli", "Generate the synthetic CT phantom (volumes, masks, reports)."),
     "preprocess": ("fvlm.preprocess.cli", "Build the preprocessing cache from a manifest."),
-    "evaluate": ("fvlm.evaluation.cli", "Zero-shot evaluation of a checkpoint."),
+    "evaluate": ("fvlm.lit_modules.evaluate", "Zero-shot evaluation of checkpoints."),
+    "eval-ctrate": ("fvlm.lit_modules.evaluate:ctrate_main", "CT-RATE zero-shot evaluation."),
 }
 _LIGHTNING = ("fit", "validate", "test", "predict")
 
@@ -41,7 +42,8 @@ def main(args: list[str] | None = None) -> None:
         return
     command, rest = args[0], args[1:]
     if command in _SUBCOMMANDS:
-        entry: Callable[[list[str]], object] = import_module(_SUBCOMMANDS[command][0]).main
+        module, _, function = _SUBCOMMANDS[command][0].partition(":")
+        entry: Callable[[list[str]], object] = getattr(import_module(module), function or "main")
         result = entry(rest)
         if isinstance(result, int) and result:
             sys.exit(result)

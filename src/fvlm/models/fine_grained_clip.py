@@ -103,6 +103,7 @@ class FineGrainedCLIP(nn.Module):
         pooling_heads: int = 8,
         text_pooling: TextPooling = "cls",
         text_gradient_checkpointing: bool = False,
+        text_trainable_layers: int | None = None,
         temperature: float = 0.07,
         max_logit_scale: float = 100.0,
     ) -> None:
@@ -118,6 +119,7 @@ class FineGrainedCLIP(nn.Module):
             pooling_heads: Heads of the anatomy attention.
             text_pooling: ``cls`` (paper) or ``mean``.
             text_gradient_checkpointing: Activation checkpointing in the text backbone.
+            text_trainable_layers: Train only the last ``k`` text layers (``None``: all).
             temperature: Initial temperature.
             max_logit_scale: Cap of ``1 / temperature``.
         """
@@ -133,6 +135,7 @@ class FineGrainedCLIP(nn.Module):
             embed_dim=embed_dim,
             pooling=text_pooling,
             gradient_checkpointing=text_gradient_checkpointing,
+            trainable_layers=text_trainable_layers,
         )
         self.logit_scale = LogitScale(temperature, max_logit_scale)
 

@@ -35,6 +35,7 @@ class GlobalCLIP(nn.Module):
         embed_dim: int = 512,
         text_pooling: TextPooling = "cls",
         text_gradient_checkpointing: bool = False,
+        text_trainable_layers: int | None = None,
         temperature: float = 0.07,
         max_logit_scale: float = 100.0,
     ) -> None:
@@ -48,6 +49,7 @@ class GlobalCLIP(nn.Module):
             embed_dim=embed_dim,
             pooling=text_pooling,
             gradient_checkpointing=text_gradient_checkpointing,
+            trainable_layers=text_trainable_layers,
         )
         self.logit_scale = LogitScale(temperature, max_logit_scale)
 

@@ -117,6 +117,7 @@ class TextEncoder(nn.Module):
         embed_dim: int = 512,
         pooling: TextPooling = "cls",
         gradient_checkpointing: bool = False,
+        trainable_layers: int | None = None,
     ) -> None:
         """Load a pretrained backbone, or build a randomly initialised one from ``config``.
 
@@ -128,6 +129,9 @@ class TextEncoder(nn.Module):
             embed_dim: Joint embedding width ``E``.
             pooling: ``cls`` (paper) or attention-masked ``mean`` (what MiniLM was tuned with).
             gradient_checkpointing: Recompute the backbone's layers in backward to save memory.
+            trainable_layers: ``None`` trains the whole backbone (paper); ``k`` freezes the
+                embeddings and all but the last ``k`` transformer layers (``0``: only the
+                projection learns), which makes CPU runs several times faster.
         """
         super().__init__()
         from transformers import AutoModel
@@ -146,13 +150,64 @@ class TextEncoder(nn.Module):
             self.backbone.pooler = None
         if gradient_checkpointing:
             self.backbone.gradient_checkpointing_enable()
+        # from_pretrained returns the backbone in eval mode; training must enable its dropout.
+        self.backbone.train()
+        self.frozen = trainable_layers is not None and trainable_layers <= 0
+        self._feature_cache: dict[int, torch.Tensor] = {}
+        self.max_cached_texts = 1_000_000
+        if trainable_layers is not None:
+            self._freeze_all_but(trainable_layers)
+        if self.frozen:
+            self.backbone.eval()
         self.pooling = pooling
         self.hidden_size = int(self.backbone.config.hidden_size)
         self.proj = nn.Linear(self.hidden_size, embed_dim)
 
+    def _freeze_all_but(self, trainable_layers: int) -> None:
+        layers = getattr(getattr(self.backbone, "encoder", None), "layer", None)
+        if layers is None:
+            raise ValueError("trainable_layers needs a BERT-style backbone (encoder.layer)")
+        if trainable_layers < 0 or trainable_layers > len(layers):
+            raise ValueError(
+                f"trainable_layers must be in 0..{len(layers)}, got {trainable_layers}"
+            )
+        self.backbone.requires_grad_(False)
+        for layer in list(layers)[len(layers) - trainable_layers :]:
+            layer.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        """A frozen backbone stays in eval mode: its dropout would only add noise."""
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features ``(M, hidden)`` before the projection."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        """Pooled backbone features ``(M, hidden)`` before the projection.
+
+        With a frozen backbone the features of a text never change, so they are cached by content
+        hash (DESIGN "text cache for frozen layers"): the repeated normal descriptions and every
+        text of later epochs cost a dictionary lookup.
+        """
+        if not self.frozen:
+            return self._backbone_features(input_ids, attention_mask)
+        keys = text_keys(input_ids, attention_mask).tolist()
+        missing = [i for i, key in enumerate(keys) if key not in self._feature_cache]
+        if missing:
+            if len(self._feature_cache) > self.max_cached_texts:
+                self._feature_cache.clear()
+            with torch.no_grad():
+                new = self._backbone_features(input_ids[missing], attention_mask[missing])
+            for i, feature in zip(missing, new, strict=True):
+                self._feature_cache[keys[i]] = feature
+        return torch.stack([self._feature_cache[key] for key in keys])
+
+    def _backbone_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            output = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = output.last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
         weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
