@@ -11,6 +11,8 @@ Under DDP the idle network's parameters get no gradient in a step: use
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
@@ -39,6 +41,7 @@ class CoTeachingModule(ContrastiveModule):
         text_model: str = MINILM,
         text_config: dict | None = None,
         text_trainable_layers: int | None = None,
+        text_pooling: Literal["cls", "mean"] = "cls",
         embed_dim: int = 512,
         fncn: bool = True,
         identical_text_positive: bool = True,
@@ -56,6 +59,7 @@ class CoTeachingModule(ContrastiveModule):
             text_model=text_model,
             text_config=text_config,
             text_trainable_layers=text_trainable_layers,
+            text_pooling=text_pooling,
             embed_dim=embed_dim,
             fncn=fncn,
             identical_text_positive=identical_text_positive,

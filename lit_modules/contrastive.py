@@ -42,6 +42,8 @@ class ContrastiveModule(LightningModule):
             (tests); overrides ``text_model``.
         text_trainable_layers: Train only the last ``k`` text layers (``None``: all, as the paper;
             ``0``: frozen backbone, only the projection learns; fast on CPU).
+        text_pooling: ``cls`` (paper, BERT) or ``mean`` (what sentence encoders such as MiniLM
+            were trained with; use it when the backbone is frozen).
         embed_dim: Joint embedding width.
         fncn: False-negative correction of normals (Tab. 4 "FNCN").
         identical_text_positive: Identical anatomy descriptions are positives of each other.
@@ -58,6 +60,7 @@ class ContrastiveModule(LightningModule):
         text_model: str = MINILM,
         text_config: dict | None = None,
         text_trainable_layers: int | None = None,
+        text_pooling: Literal["cls", "mean"] = "cls",
         embed_dim: int = 512,
         fncn: bool = True,
         identical_text_positive: bool = True,
@@ -91,6 +94,7 @@ class ContrastiveModule(LightningModule):
             "text_model": hp.text_model,
             "text_config": text_config,
             "text_trainable_layers": hp.text_trainable_layers,
+            "text_pooling": hp.text_pooling,
             "embed_dim": hp.embed_dim,
         }
         if kind == "global":

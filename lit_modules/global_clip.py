@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
@@ -26,6 +28,7 @@ class GlobalCLIPModule(ContrastiveModule):
         text_model: str = MINILM,
         text_config: dict | None = None,
         text_trainable_layers: int | None = None,
+        text_pooling: Literal["cls", "mean"] = "cls",
         embed_dim: int = 512,
         fncn: bool = False,
         identical_text_positive: bool = False,
@@ -39,6 +42,7 @@ class GlobalCLIPModule(ContrastiveModule):
             text_model=text_model,
             text_config=text_config,
             text_trainable_layers=text_trainable_layers,
+            text_pooling=text_pooling,
             embed_dim=embed_dim,
             fncn=fncn,
             identical_text_positive=identical_text_positive,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 Source = Literal["llm", "rules", "default"]
 
@@ -41,3 +41,53 @@ class Decomposer(Protocol):
     def decompose(self, findings: str, impression: str) -> Decomposition:
         """Decompose one report (findings and impression sections)."""
         ...
+
+
+# The implementations import the types above, so they are imported after them.
+from .llm import LLMConfig, LLMDecomposer  # noqa: E402
+from .merge import NULL_TEXT, SectionText, merge_sections  # noqa: E402
+from .rules import RuleDecomposer, split_sentences  # noqa: E402
+from .string_matching import KeywordMatcher  # noqa: E402
+
+if TYPE_CHECKING:
+    from fvlm.anatomy import AnatomyTable
+
+__all__ = [
+    "NULL_TEXT",
+    "AnatomyDescription",
+    "Decomposer",
+    "Decomposition",
+    "KeywordMatcher",
+    "LLMConfig",
+    "LLMDecomposer",
+    "RuleDecomposer",
+    "SectionText",
+    "Source",
+    "build_decomposer",
+    "merge_sections",
+    "split_sentences",
+]
+
+
+def build_decomposer(
+    kind: Literal["rules", "llm"], table: AnatomyTable, llm: LLMConfig | None = None
+) -> Decomposer:
+    """The decomposer a preprocessing config asks for.
+
+    Args:
+        kind: ``rules`` (offline keyword rules) or ``llm`` (the paper's prompts on a server).
+        table: The anatomy table to decompose into.
+        llm: Server settings; required for ``llm``, ignored for ``rules``.
+
+    Raises:
+        ValueError: On an unknown ``kind`` or ``llm`` without a config, before any work starts.
+    """
+    match kind:
+        case "rules":
+            return RuleDecomposer(table)
+        case "llm":
+            if llm is None:
+                raise ValueError("decomposer 'llm' needs an LLMConfig (base_url, model, ...)")
+            return LLMDecomposer(table, llm)
+        case _:
+            raise ValueError(f"unknown decomposer {kind!r}; expected 'rules' or 'llm'")

@@ -1,0 +1,362 @@
+"""The paper's LLM report decomposition over any OpenAI-compatible chat-completions server.
+
+Per section (findings, impression) and per anatomy the model is asked Fig. 6 ("is {anatomy}
+mentioned?"); when it says Yes, or when one of the anatomy's keywords occurs in the section (the
+paper's complementary string matching), it is asked Fig. 7 ("{anatomy}: description"). The two
+sections are merged as in the paper (:func:`merge_sections`).
+
+Robustness, because a preprocessing run sends tens of prompts per report for hours:
+
+* every parseable answer is cached on disk under the SHA-256 of (model, messages), one JSON file
+  per prompt written atomically, so an interrupted or repeated run asks nothing twice;
+* timeouts, connection errors, 429 and 5xx are retried with exponential backoff; an unparseable
+  answer is retried too; when the attempts run out that (section, anatomy) falls back to the
+  rule-based result, and every case is counted in :attr:`Decomposition.outcomes`;
+* an unreachable server (connection refused, or 401/403/404 on every request) opens a circuit
+  breaker: one warning, then everything falls back to the rules without waiting on the network;
+  the server is tried again after ``down_retry_s``.
+
+The API key is read from the environment variable named in :class:`LLMConfig` when the client is
+created and lives only inside the (unpicklable, never logged) client object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import openai
+
+from fvlm.anatomy import Anatomy, AnatomyTable
+
+from . import Decomposition
+from .merge import SectionText, merge_sections
+from .prompts import (
+    extraction_messages,
+    mention_messages,
+    parse_extraction,
+    parse_mention,
+)
+from .rules import RuleDecomposer
+
+__all__ = ["LLMConfig", "LLMDecomposer", "cache_key"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Messages = list[dict[str, str]]
+_RETRYABLE_STATUS = {408, 409, 429}
+# Status codes that will not get better for the next prompt: wrong key, model or URL.
+_FATAL_STATUS = {401, 403, 404}
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Where and how to ask the LLM; holds the *name* of the API-key variable, never the key.
+
+    Args:
+        base_url: OpenAI-compatible endpoint, e.g. ``http://localhost:8000/v1`` (vLLM),
+            ``http://localhost:11434/v1`` (Ollama), ``http://localhost:8080/v1`` (llama.cpp).
+        model: Model name as the server knows it (the paper used Qwen 2.5).
+        api_key_env: Environment variable holding the key; local servers usually need none.
+        temperature: Sampling temperature; 0 makes answers reproducible and cacheable.
+        max_tokens: Answer length limit; descriptions are a few sentences.
+        max_concurrency: Prompts in flight at once per decomposer (per worker process).
+        timeout_s: Per-request timeout in seconds.
+        max_attempts: Tries per prompt (first try included) before falling back to the rules.
+        backoff_s: Wait before the first retry; doubled for each further retry.
+        down_retry_s: After the server is found unreachable, seconds before trying it again.
+        cache_dir: Directory of cached answers; ``None`` disables the cache.
+    """
+
+    base_url: str = "http://localhost:8000/v1"
+    model: str = "Qwen/Qwen2.5-7B-Instruct"
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = 0.0
+    max_tokens: int = 512
+    max_concurrency: int = 8
+    timeout_s: float = 60.0
+    max_attempts: int = 3
+    backoff_s: float = 1.0
+    down_retry_s: float = 60.0
+    cache_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.cache_dir is not None and not isinstance(self.cache_dir, Path):
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        checks = {
+            "max_concurrency": self.max_concurrency >= 1,
+            "max_attempts": self.max_attempts >= 1,
+            "max_tokens": self.max_tokens >= 1,
+            "timeout_s": self.timeout_s > 0,
+            "backoff_s": self.backoff_s >= 0,
+            "down_retry_s": self.down_retry_s >= 0,
+            "temperature": self.temperature >= 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"LLMConfig: invalid {', '.join(bad)} ({self!r})")
+        if not self.base_url or not self.model:
+            raise ValueError("LLMConfig: base_url and model must be non-empty")
+
+
+def cache_key(model: str, messages: Messages) -> str:
+    """SHA-256 (hex) of the model and the exact messages: the identity of one prompt."""
+    payload = json.dumps({"model": model, "messages": messages}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+class LLMDecomposer:
+    """Report decomposition with an LLM (paper Fig. 6 and 7), string matching and rule fallback.
+
+    Picklable for worker processes: the OpenAI client, the lock and the thread pool are created
+    lazily in each process.
+
+    Args:
+        table: The anatomy table; prompts name anatomies by their ``label``.
+        config: Server, model, retries, concurrency and cache settings.
+    """
+
+    def __init__(self, table: AnatomyTable, config: LLMConfig) -> None:
+        self.table = table
+        self.config = config
+        self.rules = RuleDecomposer(table)
+        self._client: openai.OpenAI | None = None
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+        self._warned_down = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(table={self.table.name!r}, config={self.config!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_client"] = None
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    # -- public --------------------------------------------------------------------------------
+
+    def decompose(self, findings: str, impression: str) -> Decomposition:
+        """Decompose one report; prompts of both sections run concurrently.
+
+        Empty sections are not sent: nothing can be mentioned in them.
+        """
+        sections = {"findings": findings, "impression": impression}
+        rules = {kind: self.rules.extract(text) for kind, text in sections.items()}
+        jobs = [
+            (kind, anatomy)
+            for kind, text in sections.items()
+            if text.strip()
+            for anatomy in self.table.anatomies
+        ]
+        extracted: dict[str, dict[str, SectionText]] = {kind: {} for kind in sections}
+        outcomes: Counter = Counter()
+
+        def run(job: tuple[str, Anatomy]) -> tuple[SectionText | None, Counter]:
+            kind, anatomy = job
+            return self._section_anatomy(sections[kind], anatomy, rules[kind].get(anatomy.name))
+
+        if jobs:
+            workers = min(self.config.max_concurrency, len(jobs))
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fvlm-llm") as pool:
+                for (kind, anatomy), (text, counts) in zip(jobs, pool.map(run, jobs), strict=True):
+                    outcomes.update(counts)
+                    if text is not None:
+                        extracted[kind][anatomy.name] = text
+        anatomies = merge_sections(self.table, extracted["findings"], extracted["impression"])
+        outcomes["default"] += sum(d.source == "default" for d in anatomies.values())
+        return Decomposition(anatomies, +outcomes)
+
+    # -- one (section, anatomy) ----------------------------------------------------------------
+
+    def _section_anatomy(
+        self, section: str, anatomy: Anatomy, rules_text: str | None
+    ) -> tuple[SectionText | None, Counter]:
+        """Fig. 6, string matching, Fig. 7 for one anatomy of one section; rules on failure."""
+        counts: Counter = Counter()
+        fallback = None if rules_text is None else SectionText(rules_text, "rules")
+        mentioned = self._ask(mention_messages(section, anatomy.label), parse_mention, counts)
+        if mentioned is None:
+            counts["fallback_rules"] += 1
+            return fallback, counts
+        if not mentioned:
+            if rules_text is None:
+                return None, counts
+            # The paper's complementary string matching: a keyword (e.g. "duodenum" for the
+            # small bowel) overrides the model's No.
+            counts["string_match"] += 1
+        description = self._ask(
+            extraction_messages(section, anatomy.label),
+            lambda answer: parse_extraction(answer, anatomy.label),
+            counts,
+        )
+        if description is None:
+            counts["fallback_rules"] += 1
+            return fallback, counts
+        return SectionText(description, "llm"), counts
+
+    # -- one prompt ----------------------------------------------------------------------------
+
+    def _ask(
+        self, messages: Messages, parse: Callable[[str], T | None], counts: Counter
+    ) -> T | None:
+        """The parsed answer to one prompt from the cache or the server; ``None`` on failure."""
+        key = cache_key(self.config.model, messages)
+        cached = self._cache_read(key)
+        if cached is not None and (parsed := parse(cached)) is not None:
+            counts["cache_hit"] += 1
+            return parsed
+        refused = 0
+        for attempt in range(self.config.max_attempts):
+            if self._server_down():
+                counts["skipped_server_down"] += 1
+                return None
+            if attempt:
+                counts["retry"] += 1
+                time.sleep(self.config.backoff_s * 2 ** (attempt - 1))
+                if self._server_down():
+                    counts["skipped_server_down"] += 1
+                    return None
+            try:
+                answer = self._complete(messages)
+            except openai.APITimeoutError:
+                counts["error_timeout"] += 1
+                continue
+            except openai.APIConnectionError as err:
+                counts["error_connection"] += 1
+                refused += 1
+                if refused == self.config.max_attempts:
+                    self._mark_down(f"connection failed: {err}")
+                continue
+            except openai.APIStatusError as err:
+                counts[f"error_http_{err.status_code}"] += 1
+                if err.status_code in _FATAL_STATUS:
+                    self._mark_down(f"HTTP {err.status_code} for model {self.config.model!r}")
+                    return None
+                if err.status_code >= 500 or err.status_code in _RETRYABLE_STATUS:
+                    continue
+                return None  # e.g. 400: this prompt is rejected, retrying will not help
+            except openai.OpenAIError as err:  # e.g. a 200 whose body is not a completion
+                counts["error_other"] += 1
+                log.debug("LLM request failed: %s: %s", type(err).__name__, err)
+                continue
+            self._mark_up()
+            parsed = parse(answer)
+            if parsed is None:
+                counts["unparseable"] += 1
+                log.debug("unparseable LLM answer (attempt %d): %.200r", attempt + 1, answer)
+                continue
+            counts["llm_answer"] += 1
+            if not self._cache_write(key, answer):
+                counts["cache_write_error"] += 1
+            return parsed
+        return None
+
+    def _complete(self, messages: Messages) -> str:
+        response = self._get_client().chat.completions.create(
+            model=self.config.model,
+            messages=messages,  # type: ignore[arg-type]
+            temperature=self.config.temperature,
+            max_tokens=self.config.max_tokens,
+        )
+        if not response.choices:
+            return ""
+        return response.choices[0].message.content or ""
+
+    def _get_client(self) -> openai.OpenAI:
+        with self._lock:
+            if self._client is None:
+                key = os.environ.get(self.config.api_key_env)
+                if not key:
+                    log.debug("%s is not set; sending no real API key", self.config.api_key_env)
+                self._client = openai.OpenAI(
+                    base_url=self.config.base_url,
+                    api_key=key or "EMPTY",
+                    timeout=self.config.timeout_s,
+                    max_retries=0,
+                )
+            return self._client
+
+    # -- circuit breaker -----------------------------------------------------------------------
+
+    def _server_down(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    def _mark_down(self, reason: str) -> None:
+        with self._lock:
+            self._down_until = time.monotonic() + self.config.down_retry_s
+            first, self._warned_down = not self._warned_down, True
+        if first:
+            log.warning(
+                "LLM server %s is unusable (%s); report decomposition falls back to the keyword "
+                "rules (server retried in %.0f s)",
+                self.config.base_url,
+                reason,
+                self.config.down_retry_s,
+            )
+
+    def _mark_up(self) -> None:
+        if self._warned_down:
+            with self._lock:
+                was_down, self._warned_down = self._warned_down, False
+            if was_down:
+                log.warning("LLM server %s answers again", self.config.base_url)
+
+    # -- cache ---------------------------------------------------------------------------------
+
+    def _cache_path(self, key: str) -> Path | None:
+        if self.config.cache_dir is None:
+            return None
+        return self.config.cache_dir / key[:2] / f"{key}.json"
+
+    def _cache_read(self, key: str) -> str | None:
+        path = self._cache_path(key)
+        if path is None:
+            return None
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            log.debug("ignoring unreadable LLM cache file %s: %s", path, err)
+            return None
+        content = entry.get("content") if isinstance(entry, dict) else None
+        return content if isinstance(content, str) else None
+
+    def _cache_write(self, key: str, answer: str) -> bool:
+        """Store one answer; ``False`` if the disk refused (the run goes on, uncached)."""
+        path = self._cache_path(key)
+        if path is None:
+            return True
+        entry = {"model": self.config.model, "content": answer}
+        tmp: str | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Temp file in the same directory + os.replace: readers (other workers, a rerun after
+            # a crash) see either no file or a complete one.
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}-", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(entry, handle, ensure_ascii=False)
+            os.replace(tmp, path)
+        except OSError as err:
+            log.debug("could not write LLM cache file %s: %s", path, err)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            return False
+        return True

@@ -1,0 +1,316 @@
+"""The LLM decomposer against a real OpenAI-protocol HTTP server on 127.0.0.1 (no network)."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+import socket
+import time
+
+import pytest
+from openai_stub_server import Reply, Request, StubOpenAIServer
+
+from fvlm.anatomy import AnatomyTable, load_anatomy_table
+from fvlm.preprocess.decomposition import (
+    AnatomyDescription,
+    LLMConfig,
+    LLMDecomposer,
+    RuleDecomposer,
+)
+from fvlm.preprocess.decomposition.llm import cache_key
+from fvlm.preprocess.decomposition.prompts import (
+    extraction_messages,
+    mention_messages,
+    parse_extraction,
+    parse_mention,
+)
+
+SECRET = "sk-test-0123456789abcdef"
+KEY_ENV = "FVLM_TEST_LLM_KEY"
+
+FINDINGS = "The liver is enlarged; the spleen is normal. Duodenal wall thickening is noted."
+IMPRESSION = "Enlarged liver."
+
+# What a correct model answers for FINDINGS/IMPRESSION (the oracle below keeps whole sentences,
+# so semicolon clauses stay together, unlike the rules). 8 mention prompts + 4 extractions.
+EXPECTED = {
+    "liver": AnatomyDescription(
+        "The liver is enlarged; the spleen is normal. Enlarged liver.", False, "llm"
+    ),
+    "spleen": AnatomyDescription("The liver is enlarged; the spleen is normal. null", True, "llm"),
+    "small_bowel": AnatomyDescription("Duodenal wall thickening is noted. null", True, "llm"),
+    "kidney": AnatomyDescription("kidney shows no significant abnormalities.", True, "default"),
+}
+N_PROMPTS = 12
+
+
+@pytest.fixture(scope="module")
+def table() -> AnatomyTable:
+    paper = load_anatomy_table("paper")
+    names = ("liver", "spleen", "small_bowel", "kidney")
+    return AnatomyTable("mini", tuple(paper[n] for n in names))
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+
+
+def oracle(request: Request) -> Reply:
+    """A model that answers correctly, except that like the paper's LLM it misses sub-structures.
+
+    "Is small bowel mentioned?" is answered No for a duodenum sentence (only the label counts), so
+    the decomposer must rely on string matching; asked to extract, it finds the duodenum.
+    """
+    prompt = request.prompt
+    section = prompt.split("\n\nYou are a professional radiologist")[0]
+    label = re.search(r"anatomy \(([^)]+)\)", prompt).group(1)
+    sentences = re.split(r"(?<=\.)\s+", section)
+    if "is mentioned in this CT image report" in prompt:
+        return Reply("Yes" if label in section.lower() else "No.")
+    words = {"small bowel": ("small bowel", "duodenal")}.get(label, (label,))
+    found = [s for s in sentences if any(w in s.lower() for w in words)]
+    return Reply(f"**{label.capitalize()}**: {' '.join(found) or 'null'}")
+
+
+def config(server_url: str, **overrides) -> LLMConfig:
+    values = dict(
+        base_url=server_url,
+        model="stub-model",
+        api_key_env=KEY_ENV,
+        timeout_s=0.5,
+        max_attempts=3,
+        backoff_s=0.01,
+        max_concurrency=4,
+    )
+    values.update(overrides)
+    return LLMConfig(**values)
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+# -- prompts and parsers -----------------------------------------------------------------------
+
+
+def test_prompts_follow_fig6_and_fig7():
+    (mention,) = mention_messages("  Liver normal.  ", "adrenal gland")
+    assert mention["role"] == "user"
+    assert mention["content"].startswith("Liver normal.\n\nYou are a professional radiologist.")
+    assert "determine if the anatomy (adrenal gland) is mentioned" in mention["content"]
+    assert mention["content"].endswith('Please answer directly with "Yes" or "No".')
+    (extract,) = extraction_messages("Liver normal.", "adrenal gland")
+    assert "specific anatomy (adrenal gland)" in extract["content"]
+    assert 'in the format "adrenal gland: descriptive information"' in extract["content"]
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ("Yes", True),
+        ("yes.", True),
+        ("**No**", False),
+        ('"No", it is not mentioned.', False),
+        ("<think>The report says liver.</think>\nYes", True),
+        ("Not mentioned", None),
+        ("Maybe", None),
+        ("", None),
+        ("The answer is yes", None),
+    ],
+)
+def test_parse_mention_is_strict(answer, expected):
+    assert parse_mention(answer) is expected
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ("liver: Enlarged, 18 cm.", "Enlarged, 18 cm."),
+        ("**Liver**: Enlarged.", "Enlarged."),
+        ("**Liver:** Enlarged.", "Enlarged."),
+        ('"liver: Enlarged."', "Enlarged."),
+        ("- Liver: Enlarged.\nLiver: Cyst in segment 7.", "Enlarged. Cyst in segment 7."),
+        ("liver: Enlarged.\nNo focal lesion.", "Enlarged. No focal lesion."),
+        ("Portal vein and splenic vein: patent.", None),  # wrong anatomy
+        ("The liver is enlarged.", None),  # no prefix
+        ("liver: null", None),
+        ("liver:", None),
+    ],
+)
+def test_parse_extraction_strips_prefix_strictly(answer, expected):
+    assert parse_extraction(answer, "liver") == expected
+
+
+def test_parse_extraction_multiword_label():
+    label = "portal vein and splenic vein"
+    assert parse_extraction("Portal Vein and Splenic Vein: patent.", label) == "patent."
+
+
+@pytest.mark.parametrize(
+    "bad", [{"max_attempts": 0}, {"max_concurrency": 0}, {"timeout_s": 0}, {"backoff_s": -1}]
+)
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        LLMConfig(**bad)
+
+
+# -- over the wire -----------------------------------------------------------------------------
+
+
+def test_correct_server_string_matching_and_secret_handling(table, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    with StubOpenAIServer(oracle) as server:
+        decomposer = LLMDecomposer(table, config(server.base_url, cache_dir=tmp_path))
+        result = decomposer.decompose(FINDINGS, IMPRESSION)
+    assert result.anatomies == EXPECTED
+    assert result.outcomes == {"llm_answer": N_PROMPTS, "string_match": 1, "default": 1}
+    assert len(server.requests) == N_PROMPTS
+    bodies = [r.body for r in server.requests]
+    assert {b["model"] for b in bodies} == {"stub-model"}
+    assert {b["temperature"] for b in bodies} == {0.0}
+    # The key travels in the Authorization header and nowhere else.
+    assert {r.headers["authorization"] for r in server.requests} == {f"Bearer {SECRET}"}
+    cache_files = sorted(tmp_path.rglob("*"))
+    json_files = [p for p in cache_files if p.is_file()]
+    assert len(json_files) == N_PROMPTS and all(p.suffix == ".json" for p in json_files)
+    for text in [repr(decomposer.config), repr(decomposer), caplog.text]:
+        assert SECRET not in text
+    assert all(SECRET not in p.read_text() for p in json_files)
+    assert SECRET.encode() not in pickle.dumps(decomposer)
+
+
+def test_rerun_hits_the_cache_with_zero_requests(table, tmp_path):
+    with StubOpenAIServer(oracle) as server:
+        first = LLMDecomposer(table, config(server.base_url, cache_dir=tmp_path))
+        first.decompose(FINDINGS, IMPRESSION)
+        # A fresh process: the decomposer travels pickled, as to a worker.
+        second = pickle.loads(pickle.dumps(first))
+        again = second.decompose(FINDINGS, IMPRESSION)
+    assert len(server.requests) == N_PROMPTS  # all from the first run
+    assert again.anatomies == EXPECTED
+    assert again.outcomes == {"cache_hit": N_PROMPTS, "string_match": 1, "default": 1}
+    key = cache_key("stub-model", mention_messages(FINDINGS, "liver"))
+    assert (tmp_path / key[:2] / f"{key}.json").is_file()
+
+
+def test_slow_answer_times_out_once_then_retries(table):
+    def slow_first(request: Request) -> Reply:
+        reply = oracle(request)
+        return Reply(reply.content, delay_s=1.5) if request.index == 0 else reply
+
+    with StubOpenAIServer(slow_first) as server:
+        start = time.monotonic()
+        result = LLMDecomposer(table, config(server.base_url)).decompose(FINDINGS, IMPRESSION)
+        elapsed = time.monotonic() - start
+    assert result.anatomies == EXPECTED
+    assert result.outcomes["error_timeout"] == 1 and result.outcomes["retry"] == 1
+    assert result.outcomes["llm_answer"] == N_PROMPTS
+    assert len(server.requests) == N_PROMPTS + 1
+    assert elapsed < 1.5  # the client gave up after timeout_s, it did not wait for the answer
+
+
+def test_http_500_then_success(table):
+    def fail_first(request: Request) -> Reply:
+        return Reply(status=500) if request.index == 0 else oracle(request)
+
+    with StubOpenAIServer(fail_first) as server:
+        result = LLMDecomposer(table, config(server.base_url)).decompose(FINDINGS, IMPRESSION)
+    assert result.anatomies == EXPECTED
+    assert result.outcomes["error_http_500"] == 1 and result.outcomes["retry"] == 1
+    assert result.outcomes["llm_answer"] == N_PROMPTS
+    assert len(server.requests) == N_PROMPTS + 1
+
+
+def test_garbage_answers_fall_back_to_rules(table, tmp_path):
+    def garbage_for_liver(request: Request) -> Reply:
+        if "(liver) is mentioned" in request.prompt:
+            return Reply("As an AI model I cannot give medical advice.")
+        return oracle(request)
+
+    with StubOpenAIServer(garbage_for_liver) as server:
+        decomposer = LLMDecomposer(table, config(server.base_url, cache_dir=tmp_path))
+        result = decomposer.decompose(FINDINGS, IMPRESSION)
+    rules = RuleDecomposer(table).decompose(FINDINGS, IMPRESSION)
+    # Both liver mention prompts: 3 unparseable attempts each, then the rules' sentences.
+    assert result.anatomies["liver"] == rules.anatomies["liver"]
+    assert result.anatomies["liver"] == AnatomyDescription(
+        "The liver is enlarged. Enlarged liver.", False, "rules"
+    )
+    assert {k: v for k, v in result.anatomies.items() if k != "liver"} == {
+        k: v for k, v in EXPECTED.items() if k != "liver"
+    }
+    assert result.outcomes == {
+        "unparseable": 6,
+        "retry": 4,
+        "fallback_rules": 2,
+        "llm_answer": 8,  # 6 other mention prompts + spleen and small bowel extractions
+        "string_match": 1,
+        "default": 1,
+    }
+    assert len(server.requests) == 14
+    assert len([p for p in tmp_path.rglob("*.json")]) == 8  # garbage is not cached
+
+
+def test_garbage_extraction_falls_back_to_rules(table):
+    def garbage_extraction(request: Request) -> Reply:
+        if "specific anatomy (spleen)" in request.prompt:
+            return Reply("Here is the information you asked for.")
+        return oracle(request)
+
+    with StubOpenAIServer(garbage_extraction) as server:
+        result = LLMDecomposer(table, config(server.base_url)).decompose(FINDINGS, IMPRESSION)
+    assert result.anatomies["spleen"] == AnatomyDescription(
+        "the spleen is normal. null", True, "rules"
+    )
+    assert result.outcomes["unparseable"] == 3 and result.outcomes["fallback_rules"] == 1
+
+
+def test_server_down_falls_back_quickly_and_warns_once(table, caplog):
+    caplog.set_level(logging.DEBUG)
+    decomposer = LLMDecomposer(table, config(closed_port_url(), backoff_s=0.05))
+    rules = RuleDecomposer(table).decompose(FINDINGS, IMPRESSION)
+    start = time.monotonic()
+    first = decomposer.decompose(FINDINGS, IMPRESSION)
+    second = decomposer.decompose(FINDINGS, IMPRESSION)
+    elapsed = time.monotonic() - start
+    assert first.anatomies == second.anatomies == rules.anatomies
+    for result in (first, second):
+        assert result.outcomes["fallback_rules"] == 8  # every (section, anatomy) pair
+        assert "llm_answer" not in result.outcomes
+    assert second.outcomes["error_connection"] == 0  # the breaker is open: no network at all
+    assert elapsed < 2.0
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "falls back to the keyword rules" in warnings[0].getMessage()
+    assert SECRET not in caplog.text
+
+
+def test_wrong_key_is_not_hammered(table, caplog):
+    with StubOpenAIServer(lambda request: Reply(status=401)) as server:
+        decomposer = LLMDecomposer(table, config(server.base_url, max_concurrency=1))
+        result = decomposer.decompose(FINDINGS, IMPRESSION)
+    assert len(server.requests) == 1  # one 401 opens the breaker
+    assert result.outcomes["error_http_401"] == 1 and result.outcomes["fallback_rules"] == 8
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+def test_concurrency_is_bounded(table):
+    def slowish(request: Request) -> Reply:
+        return Reply(oracle(request).content, delay_s=0.05)
+
+    with StubOpenAIServer(slowish) as server:
+        decomposer = LLMDecomposer(table, config(server.base_url, max_concurrency=2))
+        result = decomposer.decompose(FINDINGS, IMPRESSION)
+    assert result.anatomies == EXPECTED
+    assert server.max_in_flight == 2
+
+
+def test_empty_section_sends_nothing(table):
+    with StubOpenAIServer(oracle) as server:
+        result = LLMDecomposer(table, config(server.base_url)).decompose(FINDINGS, "   ")
+    assert len(server.requests) == 4 + 3  # findings mentions + liver, spleen, small bowel
+    assert all(d.normal for d in result.anatomies.values())
