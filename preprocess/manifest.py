@@ -1,0 +1,167 @@
+"""The study manifest: one CSV row per study, file paths relative to the manifest's folder.
+
+Columns: ``study_id, image, findings, impression[, mask][, split]``.
+
+A malformed row must cost only its own study, so rows are parsed one at a time and a bad row comes
+back as a :class:`ManifestRow` with ``error`` set (the runner lists it as failed) instead of an
+exception that would stop the run. Only problems that would fail every study - a missing file, a
+missing required column - raise :class:`ManifestError`.
+
+Optional columns ``rescale_slope``/``rescale_intercept`` (or CT-RATE's ``RescaleSlope``/
+``RescaleIntercept``) carry DICOM rescale metadata; see :mod:`fvlm.preprocess.rescale`.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["REQUIRED_COLUMNS", "Manifest", "ManifestError", "ManifestRow", "read_manifest"]
+
+REQUIRED_COLUMNS = ("study_id", "image", "findings", "impression")
+_SLOPE = ("rescale_slope", "RescaleSlope")
+_INTERCEPT = ("rescale_intercept", "RescaleIntercept")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole is unusable (missing file or required column)."""
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One study of the manifest; ``error`` says why it cannot be processed (else ``None``)."""
+
+    line: int
+    study_id: str
+    image: Path | None = None
+    mask: Path | None = None
+    findings: str = ""
+    impression: str = ""
+    split: str = ""
+    rescale_slope: float | None = None
+    rescale_intercept: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed manifest: rows in file order and the columns it had."""
+
+    path: Path
+    columns: tuple[str, ...]
+    rows: list[ManifestRow]
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the manifest has a ``mask`` column at all."""
+        return "mask" in self.columns
+
+
+def _resolve(folder: Path, value: str) -> Path | None:
+    value = value.strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else folder / path
+
+
+def _number(record: dict[str, str], names: tuple[str, ...]) -> float | None:
+    for name in names:
+        text = (record.get(name) or "").strip()
+        if text:
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError(f"column {name!r} is not a finite number: {text!r}")
+            return value
+    return None
+
+
+def _row(line: int, header: list[str], fields: list[str], folder: Path) -> ManifestRow:
+    column = header.index("study_id")
+    study_id = fields[column].strip() if column < len(fields) else ""
+    record = dict(zip(header, fields, strict=False))
+    label = study_id or f"<line {line}>"
+    if len(fields) != len(header):
+        return ManifestRow(
+            line, label, error=f"line {line}: expected {len(header)} fields, got {len(fields)}"
+        )
+    if any("\udc80" <= ch <= "\udcff" for value in fields for ch in value):
+        return ManifestRow(line, label, error=f"line {line}: not valid UTF-8")
+    if not study_id:
+        return ManifestRow(line, label, error=f"line {line}: empty study_id")
+    if not _SAFE_ID.match(study_id) or study_id in (".", ".."):
+        return ManifestRow(
+            line, label, error=f"line {line}: study_id {study_id!r} is not a safe folder name"
+        )
+    image = _resolve(folder, record["image"])
+    if image is None:
+        return ManifestRow(line, study_id, error=f"line {line}: empty image path")
+    try:
+        slope, intercept = _number(record, _SLOPE), _number(record, _INTERCEPT)
+    except ValueError as err:
+        return ManifestRow(line, study_id, error=f"line {line}: {err}")
+    return ManifestRow(
+        line=line,
+        study_id=study_id,
+        image=image,
+        mask=_resolve(folder, record.get("mask", "")),
+        findings=record["findings"].strip(),
+        impression=record["impression"].strip(),
+        split=record.get("split", "").strip(),
+        rescale_slope=slope,
+        rescale_intercept=intercept,
+    )
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Parse a manifest CSV; bad rows come back with ``error`` set, duplicates included.
+
+    Raises:
+        ManifestError: The file cannot be read or lacks a required column.
+    """
+    path = Path(path)
+    try:
+        handle = path.open(newline="", encoding="utf-8", errors="surrogateescape")
+    except OSError as err:
+        raise ManifestError(f"cannot read manifest {path}: {err.strerror or err}") from err
+    rows: list[ManifestRow] = []
+    seen: dict[str, int] = {}
+    with handle:
+        reader = csv.reader(handle)
+        try:
+            header = [name.strip().lstrip("\ufeff") for name in next(reader)]
+        except StopIteration:
+            raise ManifestError(f"manifest {path} is empty") from None
+        except csv.Error as err:
+            raise ManifestError(f"manifest {path}: unreadable header: {err}") from err
+        missing = [name for name in REQUIRED_COLUMNS if name not in header]
+        if missing:
+            raise ManifestError(
+                f"manifest {path} lacks required column(s) {', '.join(missing)} "
+                f"(has: {', '.join(header)})"
+            )
+        while True:
+            line = reader.line_num + 1  # where the next row starts (a quoted field may span lines)
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as err:
+                rows.append(ManifestRow(line, f"<line {line}>", error=f"line {line}: {err}"))
+                continue
+            if not any(value.strip() for value in fields):
+                continue  # blank line
+            row = _row(line, header, fields, path.parent)
+            if row.error is None and row.study_id in seen:
+                row = ManifestRow(
+                    row.line,
+                    row.study_id,
+                    error=f"line {row.line}: duplicate study_id (first: line {seen[row.study_id]})",
+                )
+            seen.setdefault(row.study_id, row.line)
+            rows.append(row)
+    return Manifest(path, tuple(header), rows)

@@ -1,0 +1,516 @@
+"""The ``make preprocess`` pipeline: manifest -> per-study cache, in parallel, resumable.
+
+Per study (DESIGN "Preprocessing and the cache"): load the NIfTI, apply an external rescale only if
+the data are not HU yet, take the TotalSegmentator label map (precomputed or run here) and group it
+into the table's anatomies on the source grid, canonicalise image and anatomy map together,
+resample (trilinear / nearest) on one grid, window HU, decompose the report, write the study
+atomically. A study is skipped when its input hashes and the settings' hash match its ``meta.json``.
+
+A failure costs only its study: it is listed as failed with a one-line reason naming the file, its
+stale output (if any) is removed, and the run goes on; the exit code is 1 if anything failed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Generator, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+from tqdm.auto import tqdm
+
+from fvlm.anatomy import AnatomyTable, load_anatomy_table
+
+from .cache import StudyCache, file_fingerprint, text_fingerprint
+from .config import PreprocessConfig
+from .decomposition import Decomposer, Decomposition, build_decomposer
+from .manifest import Manifest, ManifestError, ManifestRow, read_manifest
+from .rescale import apply_rescale, decide_rescale
+from .segmentation import (
+    anatomy_stats,
+    check_totalsegmentator,
+    detect_totalseg_version,
+    load_mask,
+    run_totalsegmentator,
+)
+from .volume import Volume, canonicalise, load_nifti, resample, window_hu
+
+__all__ = ["RunSummary", "StudyProcessor", "StudyResult", "run_preprocess"]
+
+Status = Literal["ok", "failed", "skipped"]
+_REASON_CHARS = 400
+
+
+@dataclass
+class StudyResult:
+    """What happened to one study; ``skipped`` studies are ``ok`` in the cache manifest."""
+
+    line: int
+    study_id: str
+    split: str
+    status: Status
+    reason: str = ""
+    seconds: float = 0.0
+    outcomes: Counter = field(default_factory=Counter)
+    sources: Counter = field(default_factory=Counter)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
+
+
+def _error_text(err: BaseException) -> str:
+    message = str(err) or repr(err)
+    return f"{type(err).__name__}: {message}"
+
+
+class StudyProcessor:
+    """Turns one manifest row into one cache entry; shipped to each worker process (picklable).
+
+    Args:
+        config: The run's settings.
+        table: The anatomy table masks are grouped into and reports decomposed by.
+        decomposer: The report decomposer (rules or LLM).
+    """
+
+    def __init__(self, config: PreprocessConfig, table: AnatomyTable, decomposer: Decomposer):
+        self.config = config
+        self.table = table
+        self.decomposer = decomposer
+        self.cache = StudyCache(config.cache)
+        self.settings = config.settings(table)
+        self.config_hash = config.fingerprint(table)
+
+    # -- resumability ----------------------------------------------------------------------------
+
+    def _relative(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.config.manifest.parent))
+        except ValueError:
+            return str(path)
+
+    def _inputs(self, row: ManifestRow, previous: dict | None) -> dict:
+        before = (previous or {}).get("inputs") or {}
+        inputs: dict = {
+            "image": {"path": self._relative(row.image)}
+            | file_fingerprint(row.image, before.get("image")),
+            "mask": None,
+            "report_sha256": text_fingerprint(row.findings, row.impression),
+            "rescale": [row.rescale_slope, row.rescale_intercept],
+        }
+        if self.config.segmenter == "precomputed" and row.mask is not None:
+            inputs["mask"] = {"path": self._relative(row.mask)} | file_fingerprint(
+                row.mask, before.get("mask")
+            )
+        return inputs
+
+    @staticmethod
+    def _content(inputs: dict) -> tuple:
+        files = [inputs.get(k) or {} for k in ("image", "mask")]
+        return (
+            *(f.get("sha256") for f in files),
+            inputs.get("report_sha256"),
+            tuple(inputs.get("rescale") or ()),
+        )
+
+    def quick_unchanged(self, row: ManifestRow) -> bool:
+        """Unchanged by file size and mtime alone (no reading), for the main process."""
+        if self.config.force or row.error is not None or row.image is None:
+            return False
+        meta = self.cache.read_meta(row.study_id)
+        if not meta or meta.get("config_hash") != self.config_hash:
+            return False
+        if not self.cache.is_complete(row.study_id):
+            return False
+        before = meta.get("inputs") or {}
+        try:
+            files = [(row.image, before.get("image"))]
+            if self.config.segmenter == "precomputed":
+                if row.mask is None:
+                    return False
+                files.append((row.mask, before.get("mask")))
+            for path, recorded in files:
+                stat = path.stat()
+                if not recorded or (recorded.get("size"), recorded.get("mtime_ns")) != (
+                    stat.st_size,
+                    stat.st_mtime_ns,
+                ):
+                    return False
+        except OSError:
+            return False
+        return before.get("report_sha256") == text_fingerprint(
+            row.findings, row.impression
+        ) and before.get("rescale") == [row.rescale_slope, row.rescale_intercept]
+
+    # -- one study -------------------------------------------------------------------------------
+
+    def process(self, row: ManifestRow) -> StudyResult:
+        """Process (or skip) one study; never raises for a bad study, only for a broken cache."""
+        start = time.perf_counter()
+        result = StudyResult(row.line, row.study_id, row.split, "ok")
+        stage = "manifest"
+        try:
+            if row.error is not None:
+                raise _StudyError(row.error)
+            if not row.findings and not row.impression:
+                raise _StudyError("empty report (findings and impression are both empty)")
+            if self.config.segmenter == "precomputed" and row.mask is None:
+                raise _StudyError("no mask given (segmenter 'precomputed' needs the mask column)")
+            stage = f"inputs {self._relative(row.image)}"
+            previous = self.cache.read_meta(row.study_id)
+            inputs = self._inputs(row, previous)
+            if (
+                not self.config.force
+                and previous is not None
+                and previous.get("config_hash") == self.config_hash
+                and self._content(previous.get("inputs") or {}) == self._content(inputs)
+                and self.cache.is_complete(row.study_id)
+            ):
+                if previous.get("inputs") != inputs:  # same content, new stat: remember it
+                    self.cache.update_meta(row.study_id, previous | {"inputs": inputs})
+                result.status = "skipped"
+                return result
+            image, anatomy, meta, report, decomposition = self._build(row, inputs, result)
+            stage = "cache"
+            self.cache.write_study(row.study_id, image, anatomy, meta, report)
+            result.outcomes = Counter(decomposition.outcomes)
+            result.sources = Counter(d.source for d in decomposition.anatomies.values())
+        except _StudyError as err:
+            result.status, result.reason = "failed", _one_line(str(err))
+        except Exception as err:  # one bad study must not stop the run
+            result.status = "failed"
+            result.reason = _one_line(f"{getattr(err, 'stage', stage)}: {_error_text(err)}")
+        finally:
+            result.seconds = time.perf_counter() - start
+        if result.status == "failed" and row.error is None:
+            try:  # its inputs changed and now fail: the old output must not pass for current
+                self.cache.remove_study(row.study_id)
+            except OSError as err:
+                result.reason = _one_line(f"{result.reason}; stale output not removed: {err}")
+        return result
+
+    def _build(
+        self, row: ManifestRow, inputs: dict, result: StudyResult
+    ) -> tuple[np.ndarray, np.ndarray, dict, dict, Decomposition]:
+        """The four cache files of one study (image, anatomy, meta, report) + its decomposition."""
+        config = self.config
+        with _stage(f"image {self._relative(row.image)}"):
+            loaded = load_nifti(row.image)
+            decision = decide_rescale(
+                loaded.volume.data, row.rescale_slope, row.rescale_intercept, config.rescale
+            )
+            hu = Volume(apply_rescale(loaded.volume.data, decision), loaded.volume.affine)
+        if decision.warning:
+            result.warnings.append(f"{row.study_id}: {decision.warning}")
+        grouped, segmentation = self._anatomy_map(row, hu)
+        with _stage(f"resampling {self._relative(row.image)}"):
+            canonical, orientation = canonicalise(hu)
+            canonical_anatomy, _ = canonicalise(Volume(grouped, hu.affine))
+            volume = resample(canonical, config.spacing, "linear")
+            anatomy = resample(canonical_anatomy, config.spacing, "nearest").data
+            image = window_hu(volume.data, config.hu_window).astype(np.float16)
+        with _stage(f"report of {row.study_id}"):
+            decomposition = self.decomposer.decompose(row.findings, row.impression)
+        meta = {
+            "study_id": row.study_id,
+            "shape": [int(n) for n in image.shape],
+            "spacing": [round(s, 6) for s in volume.spacing],
+            "affine": np.round(volume.affine, 6).tolist(),
+            "hu_window": list(config.hu_window),
+            "table": self.table.name,
+            "orientation": orientation,
+            "rescale": decision.to_json()
+            | {
+                "nifti_scl_slope": loaded.scl_slope,
+                "nifti_scl_inter": loaded.scl_inter,
+                "stored_dtype": loaded.stored_dtype,
+            },
+            "segmentation": segmentation,
+            "anatomies": anatomy_stats(anatomy, self.table),
+            "inputs": inputs,
+            "config_hash": self.config_hash,
+            "settings": self.settings,
+        }
+        report = {
+            "study_id": row.study_id,
+            "findings": row.findings,
+            "impression": row.impression,
+            "decomposer": config.decomposer,
+            "anatomies": {
+                name: {"text": d.text, "normal": bool(d.normal), "source": d.source}
+                for name, d in decomposition.anatomies.items()
+            },
+        }
+        return image, anatomy.astype(np.uint8, copy=False), meta, report, decomposition
+
+    def _anatomy_map(self, row: ManifestRow, hu: Volume) -> tuple[np.ndarray, dict]:
+        """Grouped anatomy ids on the source grid, and how they were obtained (for meta)."""
+        config = self.config
+        if config.segmenter == "precomputed":
+            with _stage(f"mask {self._relative(row.mask)}"):
+                labels = load_mask(row.mask, hu)
+                version, why = detect_totalseg_version(labels, hu.affine, config.totalseg_version)
+                grouped = self.table.group(labels, version)
+        else:
+            with _stage(f"TotalSegmentator on {self._relative(row.image)}"):
+                image = nib.Nifti1Image(np.asarray(hu.data, dtype=np.float32), hu.affine)
+                labels = run_totalsegmentator(image, config.totalseg_fast, config.totalseg_device)
+                version, why = "v2", "TotalSegmentator 2, task 'total'"
+                grouped = self.table.group(labels, version)
+        record = {"segmenter": config.segmenter, "totalseg_version": version, "version_reason": why}
+        return grouped, record
+
+
+class _StudyError(Exception):
+    """A study-level problem whose message is already the reason to report."""
+
+
+@contextmanager
+def _stage(name: str) -> Iterator[None]:
+    """Tag an exception with the step (and file) it came from, for a reason that names it."""
+    try:
+        yield
+    except Exception as err:
+        if not hasattr(err, "stage"):
+            try:
+                err.stage = name
+            except AttributeError:  # exceptions with __slots__ keep the outer stage
+                pass
+        raise
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSummary:
+    """The outcome of a run, in manifest order, with counts for the final report."""
+
+    results: list[StudyResult]
+    seconds: float
+    manifest_path: Path
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Studies per status (``ok`` = processed now, ``skipped`` = unchanged, ``failed``)."""
+        found = Counter(r.status for r in self.results)
+        return {status: found[status] for status in ("ok", "skipped", "failed")}
+
+    @property
+    def outcomes(self) -> Counter:
+        """Decomposition outcome counts summed over the processed studies."""
+        return sum((r.outcomes for r in self.results), Counter())
+
+    @property
+    def sources(self) -> Counter:
+        """How the per-anatomy texts were obtained (llm / rules / default), summed."""
+        return sum((r.sources for r in self.results), Counter())
+
+    @property
+    def exit_code(self) -> int:
+        """0 when nothing failed, else 1."""
+        return 1 if any(r.status == "failed" for r in self.results) else 0
+
+    def format(self, max_failures: int = 20) -> str:
+        """Human-readable end-of-run report."""
+        status = self.counts
+        processed = [r for r in self.results if r.status == "ok"]
+        lines = [
+            f"preprocess: {len(self.results)} studies in {self.seconds:.1f} s: "
+            f"{status['ok']} processed ok, {status['skipped']} skipped (unchanged), "
+            f"{status['failed']} failed -> {self.manifest_path}"
+        ]
+        if processed:
+            per_study = sum(r.seconds for r in processed) / len(processed)
+            lines.append(
+                f"  time per processed study: {per_study:.3f} s (in its worker); "
+                f"throughput {len(processed) / max(self.seconds, 1e-9):.2f} studies/s"
+            )
+        if self.sources or self.outcomes:
+            lines.append(
+                "  report decomposition: anatomy texts by source "
+                + _counts(self.sources)
+                + "; outcomes "
+                + _counts(self.outcomes)
+            )
+        failed = [r for r in self.results if r.status == "failed"]
+        for result in failed[:max_failures]:
+            lines.append(f"  failed {result.study_id}: {result.reason}")
+        if len(failed) > max_failures:
+            lines.append(f"  ... and {len(failed) - max_failures} more failures (see manifest)")
+        warnings = [w for r in self.results for w in r.warnings]
+        for warning in warnings[:max_failures]:
+            lines.append(f"  warning {warning}")
+        return "\n".join(lines)
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{key} {value}" for key, value in sorted(counter.items())) or "none"
+
+
+_PROCESSOR: StudyProcessor | None = None
+_ORPHAN_POLL_S = 0.25
+
+
+def _init_worker(processor: StudyProcessor, parent: int) -> None:
+    global _PROCESSOR
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    processor.cache.hold_as_worker()
+    _PROCESSOR = processor
+
+
+def _exit_with_parent(parent: int) -> None:
+    # A pool worker blocks on its task queue forever once the main process is gone (SIGKILL,
+    # OOM killer), so it watches for being orphaned and exits; a study it was writing is left in
+    # the cache's .tmp/ (cleared by the next run) and never appears half-written. ``parent`` is
+    # the main process's pid, passed in: a worker that starts after the main died exits at once.
+    while os.getppid() == parent:
+        time.sleep(_ORPHAN_POLL_S)
+    os._exit(1)
+
+
+def _work(row: ManifestRow) -> StudyResult:
+    assert _PROCESSOR is not None
+    return _PROCESSOR.process(row)
+
+
+def _context() -> mp.context.BaseContext:
+    # spawn: a worker's parent is this process, so it can tell when it is orphaned (forkserver
+    # workers are children of the server, which they keep alive), and no fork happens after
+    # OpenMP/BLAS threads exist here (which can deadlock).
+    return mp.get_context("spawn")
+
+
+def _execute(
+    processor: StudyProcessor, rows: Sequence[ManifestRow], workers: int
+) -> Iterator[StudyResult]:
+    """Results in completion order: in this process for one worker, else in a process pool."""
+    if workers <= 1 or len(rows) <= 1:
+        for row in rows:
+            yield processor.process(row)
+        return
+    pending = deque(rows)
+    while pending:
+        suspects = deque((yield from _pool_pass(processor, pending, workers)))
+        # A worker died (killed by the OS, e.g. out of memory, or a crash in native code): the
+        # studies that were in flight are retried one at a time to find the one that kills it.
+        while suspects:
+            yield from _pool_pass(processor, suspects, 1, isolate=True)
+
+
+def _pool_pass(
+    processor: StudyProcessor, pending: deque, workers: int, isolate: bool = False
+) -> Generator[StudyResult, None, list[ManifestRow]]:
+    """Run rows from ``pending`` until done or the pool breaks; return the rows in flight then.
+
+    With ``isolate`` one row is in flight at a time, so a broken pool names its culprit: that
+    study fails and the pass ends (the caller starts a fresh pool for the rest).
+    """
+    in_flight: dict[Future, ManifestRow] = {}
+    limit = 1 if isolate else 2 * workers
+    pool = ProcessPoolExecutor(
+        min(workers, len(pending)),
+        mp_context=_context(),
+        initializer=_init_worker,
+        initargs=(processor, os.getpid()),
+    )
+    try:
+        while pending or in_flight:
+            while pending and len(in_flight) < limit:
+                row = pending.popleft()
+                in_flight[pool.submit(_work, row)] = row
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                row = in_flight.pop(future)
+                try:
+                    yield future.result()
+                except BrokenProcessPool:
+                    if not isolate:
+                        return [row, *in_flight.values()]
+                    yield StudyResult(
+                        row.line,
+                        row.study_id,
+                        row.split,
+                        "failed",
+                        "worker process died while processing this study (killed by the "
+                        "operating system, e.g. out of memory, or crashed)",
+                    )
+                    return []
+        return []
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_preprocess(
+    config: PreprocessConfig,
+    decomposer: Decomposer | None = None,
+    table: AnatomyTable | None = None,
+) -> RunSummary:
+    """Build or update the cache described by ``config``.
+
+    Args:
+        config: Settings (manifest and cache paths included).
+        decomposer: Report decomposer; built from ``config`` when omitted (tests pass their own).
+        table: Anatomy table; loaded from ``config.anatomy_table`` when omitted.
+
+    Raises:
+        ManifestError, AnatomyTableError, TotalSegmentatorUnavailable, CacheBusy: Problems that
+            would fail every study are raised before any study is touched.
+    """
+    start = time.perf_counter()
+    table = table or load_anatomy_table(config.anatomy_table)
+    manifest: Manifest = read_manifest(config.manifest)
+    if config.segmenter == "precomputed" and not manifest.has_masks:
+        raise ManifestError(
+            f"manifest {config.manifest} has no 'mask' column, which segmenter 'precomputed' "
+            "needs; add precomputed TotalSegmentator masks or use segmenter 'totalsegmentator'"
+        )
+    if config.segmenter == "totalsegmentator":
+        check_totalsegmentator(config.totalseg_fast)
+    decomposer = decomposer or build_decomposer(config.decomposer, table, config.llm)
+    processor = StudyProcessor(config, table, decomposer)
+    cache = processor.cache
+    results: dict[int, StudyResult] = {}
+    with cache.lock():
+        todo = []
+        for row in manifest.rows:
+            if processor.quick_unchanged(row):
+                results[row.line] = StudyResult(row.line, row.study_id, row.split, "skipped")
+            elif row.error is not None:
+                results[row.line] = processor.process(row)
+            else:
+                todo.append(row)
+        bar = tqdm(
+            total=len(manifest.rows),
+            initial=len(results),
+            desc="preprocess",
+            unit="study",
+            disable=not config.progress,
+            dynamic_ncols=True,
+        )
+        with bar:
+            for result in _execute(processor, todo, config.workers):
+                results[result.line] = result
+                bar.update(1)
+                if result.status == "failed" and config.progress:
+                    bar.write(f"failed {result.study_id}: {result.reason}")
+        ordered = [results[row.line] for row in manifest.rows]
+        path = cache.write_manifest(
+            (r.study_id, r.split, "failed" if r.status == "failed" else "ok", r.reason)
+            for r in ordered
+        )
+    return RunSummary(ordered, time.perf_counter() - start, path)

@@ -1,0 +1,233 @@
+"""CT volumes on the paper's grid: load NIfTI, canonicalise axes, resample, window HU (paper A.2).
+
+The paper reformats every scan so that axis 0 runs inferior->superior, axis 1 posterior->anterior
+and axis 2 left->right (nibabel axis codes ``("S", "A", "R")``), resamples to 5 mm slices with 1 x 1
+mm in-plane voxels by trilinear interpolation, and maps HU [-300, 400] to [0, 1] with clipping.
+
+Orientation uses nibabel's orientation algebra (a pure flip/transpose, exact, with the affine kept
+in step). Resampling is a separable linear (= trilinear) or nearest-neighbour interpolation in
+numpy on one grid shared by images and label maps, so that a label map and its image stay aligned
+voxel for voxel. MONAI's ``Spacing`` computes the same kind of resampling with ``grid_sample``, but
+it was about 4x slower than this on a 512 x 512 x 160 CT on the CPU (2.2 s against 0.6 s, measured
+2026-11-24) and importing MONAI costs about 8 s per worker process; the HU window is a clip that
+needs no library.
+
+The output grid keeps the field of view: along an axis with ``n`` input voxels of size ``s`` the
+output has ``round(n * s / t)`` voxels of size ``t``, the first output voxel starting where the
+first input voxel starts. Samples beyond the last input voxel centre repeat the edge value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+
+__all__ = [
+    "CANONICAL_AXCODES",
+    "NiftiVolume",
+    "Volume",
+    "canonicalise",
+    "load_nifti",
+    "resample",
+    "resample_grid",
+    "voxel_sizes",
+    "window_hu",
+]
+
+CANONICAL_AXCODES: tuple[str, str, str] = ("S", "A", "R")
+Interpolation = Literal["linear", "nearest"]
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D array with its voxel-to-world (RAS+ mm) affine.
+
+    The affine travels with the data through every step so that the world position of each voxel,
+    and hence its alignment with a label map, can always be checked.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size along each array axis in mm."""
+        return voxel_sizes(self.affine)
+
+    @property
+    def axcodes(self) -> tuple[str, str, str]:
+        """Nibabel axis codes: the world direction each array axis grows towards."""
+        return tuple(nib.aff2axcodes(self.affine))  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class NiftiVolume:
+    """A loaded NIfTI volume plus what the file said about its own intensity scaling.
+
+    ``scl_slope``/``scl_inter`` are part of the NIfTI encoding and are always applied (as nibabel
+    does); they are recorded because a second, external rescale must not repeat them.
+    """
+
+    volume: Volume
+    scl_slope: float
+    scl_inter: float
+    stored_dtype: str
+
+
+def voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size (mm) along each array axis: the norms of the affine's first three columns."""
+    sizes = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+    return tuple(float(s) for s in sizes)  # type: ignore[return-value]
+
+
+def load_nifti(path: str | Path) -> NiftiVolume:
+    """Read a 3D NIfTI volume with its header scaling applied.
+
+    Integer data without header scaling stay integer (half the memory of float32 until the first
+    resampling pass); scaled data become float32 rather than nibabel's float64.
+
+    Raises:
+        ValueError: The file is not a 3D volume or holds non-finite values.
+        OSError, EOFError, nibabel.filebasedimages.ImageFileError: Missing, truncated or corrupt
+            files, as nibabel and gzip report them.
+    """
+    image = nib.load(str(path))
+    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        raise ValueError(f"not a NIfTI image ({type(image).__name__})")
+    proxy = image.dataobj
+    raw = np.asarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
+    while raw.ndim > 3 and raw.shape[-1] == 1:
+        raw = raw[..., 0]
+    if raw.ndim != 3:
+        raise ValueError(f"expected a 3D volume, got shape {tuple(image.shape)}")
+    slope = float(getattr(proxy, "slope", 1.0))
+    inter = float(getattr(proxy, "inter", 0.0))
+    if slope != 1.0 or inter != 0.0 or raw.dtype.kind == "f":
+        data = raw.astype(np.float32)
+        if slope != 1.0:
+            data *= np.float32(slope)
+        if inter != 0.0:
+            data += np.float32(inter)
+        if not np.isfinite(data).all():
+            raise ValueError("image holds NaN or infinite values")
+    else:
+        data = raw
+    return NiftiVolume(Volume(data, image.affine.astype(np.float64)), slope, inter, str(raw.dtype))
+
+
+def canonicalise(volume: Volume) -> tuple[Volume, dict]:
+    """Flip/transpose ``volume`` to the canonical axes ``("S", "A", "R")``; no interpolation.
+
+    Oblique scans go to the closest canonical axes; their residual rotation stays in the affine
+    (and its angle in the returned record), so world positions remain exact.
+
+    Returns:
+        The canonical volume and a JSON-able record of what was done, for ``meta.json``.
+    """
+    source = orientations.io_orientation(volume.affine)
+    target = orientations.axcodes2ornt(CANONICAL_AXCODES)
+    transform = orientations.ornt_transform(source, target)
+    data = np.ascontiguousarray(orientations.apply_orientation(volume.data, transform))
+    affine = volume.affine @ orientations.inv_ornt_aff(transform, volume.data.shape)
+    record = {
+        "source_axcodes": "".join(volume.axcodes),
+        "canonical_axcodes": "".join(CANONICAL_AXCODES),
+        "transform": [[int(axis), int(flip)] for axis, flip in transform],
+        "source_shape": [int(n) for n in volume.data.shape],
+        "source_spacing": [round(s, 6) for s in volume.spacing],
+        "obliquity_deg": [round(float(a), 4) for a in np.degrees(_obliquity(volume.affine))],
+    }
+    return Volume(data, affine), record
+
+
+def _obliquity(affine: np.ndarray) -> np.ndarray:
+    """Angle between each voxel axis and its closest world axis (0 for an axis-aligned scan)."""
+    directions = np.asarray(affine)[:3, :3] / np.array(voxel_sizes(affine))
+    return np.arccos(np.clip(np.abs(directions).max(axis=0), 0.0, 1.0))
+
+
+def resample_grid(
+    shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]
+) -> list[np.ndarray]:
+    """Input voxel coordinates (float) of the output voxel centres, one array per axis.
+
+    Shared by images and label maps so that both land on exactly the same grid.
+    """
+    coords = []
+    for n_in, s_in, s_out in zip(shape, spacing, target, strict=True):
+        n_out = max(1, int(round(n_in * s_in / s_out)))
+        ratio = s_out / s_in
+        coords.append((np.arange(n_out) + 0.5) * ratio - 0.5)
+    return coords
+
+
+def _grid_affine(affine: np.ndarray, spacing: tuple[float, ...], target: tuple[float, ...]):
+    ratios = np.array(target, dtype=np.float64) / np.array(spacing, dtype=np.float64)
+    scale = np.eye(4)
+    scale[:3, :3] = np.diag(ratios)
+    scale[:3, 3] = 0.5 * ratios - 0.5  # output voxel 0 centre, in input voxel coordinates
+    return affine @ scale
+
+
+def _linear_along(data: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
+    n = data.shape[axis]
+    c = np.clip(coords, 0, n - 1)
+    lo = np.floor(c).astype(np.intp)
+    hi = np.minimum(lo + 1, n - 1)
+    shape = [1] * data.ndim
+    shape[axis] = -1
+    weight = (c - lo).astype(np.float32).reshape(shape)
+    below = np.take(data, lo, axis=axis).astype(np.float32, copy=False)
+    above = np.take(data, hi, axis=axis).astype(np.float32, copy=False)
+    above -= below
+    above *= weight
+    below += above
+    return below
+
+
+def resample(
+    volume: Volume, target: tuple[float, float, float], interpolation: Interpolation
+) -> Volume:
+    """Resample to voxel size ``target`` (mm per array axis), keeping the field of view.
+
+    ``linear`` is separable trilinear interpolation (float32 out), for images; ``nearest`` keeps
+    the dtype and the label values, for label maps. Axes are processed in the order that shrinks
+    the array fastest, which keeps the cost near that of the smaller of input and output.
+    """
+    if interpolation not in ("linear", "nearest"):
+        raise ValueError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
+    if len(target) != 3 or min(target) <= 0:
+        raise ValueError(f"target spacing must be three positive numbers, got {target!r}")
+    spacing = volume.spacing
+    coords = resample_grid(volume.data.shape, spacing, target)
+    affine = _grid_affine(volume.affine, spacing, target)
+    order = sorted(range(3), key=lambda a: len(coords[a]) / volume.data.shape[a])
+    if interpolation == "nearest":
+        data = volume.data
+        for axis in order:  # one take per axis: cheaper than a 3D fancy index
+            index = np.clip(np.floor(coords[axis] + 0.5), 0, data.shape[axis] - 1)
+            data = np.take(data, index.astype(np.intp), axis=axis)
+        return Volume(np.ascontiguousarray(data), affine)
+    data = volume.data
+    for axis in order:
+        if len(coords[axis]) == data.shape[axis] and np.allclose(
+            coords[axis], np.arange(data.shape[axis])
+        ):
+            continue  # already on the target spacing along this axis
+        data = _linear_along(data, axis, coords[axis])
+    return Volume(np.ascontiguousarray(data, dtype=np.float32), affine)
+
+
+def window_hu(data: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Map HU ``[lo, hi]`` linearly to [0, 1] and clip, as the paper does (float32 out)."""
+    lo, hi = float(window[0]), float(window[1])
+    if not hi > lo:
+        raise ValueError(f"HU window must satisfy lo < hi, got {window!r}")
+    out = np.asarray(data, dtype=np.float32) - np.float32(lo)
+    out *= np.float32(1.0 / (hi - lo))
+    return np.clip(out, 0.0, 1.0, out=out)

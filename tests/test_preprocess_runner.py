@@ -1,0 +1,521 @@
+"""End-to-end preprocessing of tiny synthetic studies: cache, resume, crash safety, bad input.
+
+The studies are built here (a body, liver, spleen, kidneys and a vertebra in HU with a
+TotalSegmentator v2 label map), stored in RAS, LPS and with NIfTI scl_slope/scl_inter, so that the
+test controls every broken-input case exactly. ``test_phantom_end_to_end`` runs the project's
+phantom generator as well once it exists.
+"""
+
+from __future__ import annotations
+
+import csv
+import filecmp
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel import orientations
+
+from fvlm.anatomy import load_anatomy_table, totalsegmentator_classes
+from fvlm.preprocess.cli import main
+from fvlm.preprocess.config import PreprocessConfig
+from fvlm.preprocess.decomposition import Decomposition, RuleDecomposer
+from fvlm.preprocess.runner import run_preprocess
+
+V2 = {name: cid for cid, name in totalsegmentator_classes("v2").items()}
+SPACING = (4.0, 2.0, 2.0)  # coarse, keeps the tests fast
+FINDINGS = (
+    "The liver shows a 2 cm hypodense cyst. The spleen is normal in size. Kidneys are normal."
+)
+IMPRESSION = "Hepatic cyst."
+
+
+def _study_arrays(seed: int, shape=(40, 36, 20)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """HU volume and v2 label map in RAS voxel order (x: left->right, y: post->ant, z: inf->sup)."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    cx, cy = shape[0] / 2 + rng.uniform(-1, 1), shape[1] / 2 + rng.uniform(-1, 1)
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    labels = np.zeros(shape, dtype=np.uint8)
+    body = ((x - cx) / (0.45 * shape[0])) ** 2 + ((y - cy) / (0.42 * shape[1])) ** 2 < 1
+    hu[body] = 20
+    organs = [  # name, centre (fractions of the shape), radii (voxels), HU
+        ("liver", (0.68, 0.55, 0.6), (7, 6, 6), 60),  # patient's right: high x in RAS
+        ("spleen", (0.30, 0.45, 0.6), (3, 3, 3), 50),
+        ("kidney_right", (0.62, 0.30, 0.35), (2.5, 2.5, 3), 35),
+        ("kidney_left", (0.38, 0.30, 0.35), (2.5, 2.5, 3), 35),
+        ("vertebrae_L1", (0.50, 0.18, 0.4), (2, 2, 2), 700),
+    ]
+    for name, centre, radii, value in organs:
+        c = [f * n + rng.uniform(-0.5, 0.5) for f, n in zip(centre, shape, strict=True)]
+        inside = sum(((g - ci) / r) ** 2 for g, ci, r in zip((x, y, z), c, radii, strict=True)) < 1
+        hu[inside] = value
+        labels[inside] = V2[name]
+    hu += rng.normal(0, 5, shape).astype(np.float32)
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    affine[:3, 3] = [-30.0, -27.0, 100.0 + seed]
+    return np.round(hu).astype(np.int16), labels, affine
+
+
+def _store(data: np.ndarray, affine: np.ndarray, axcodes: str) -> nib.Nifti1Image:
+    transform = orientations.ornt_transform(
+        orientations.io_orientation(affine), orientations.axcodes2ornt(tuple(axcodes))
+    )
+    stored = orientations.apply_orientation(data, transform)
+    return nib.Nifti1Image(
+        np.ascontiguousarray(stored),
+        affine @ orientations.inv_ornt_aff(transform, data.shape),
+    )
+
+
+def write_dataset(folder: Path, n: int, extra_rows: list[dict] | None = None) -> Path:
+    """``n`` studies (RAS / LPS / scaled in turn) plus ``extra_rows``; returns the manifest."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(exist_ok=True)
+    rows = []
+    for i in range(n):
+        study = f"s{i:03d}"
+        hu, labels, affine = _study_arrays(i)
+        axcodes = ("RAS", "LPS", "PIR")[i % 3]
+        image = _store(hu, affine, axcodes)
+        if i % 4 == 3:  # stored raw with scl_slope/scl_inter in the header
+            image = nib.Nifti1Image(
+                (np.asarray(image.dataobj) + 1024).astype(np.int16), image.affine
+            )
+            image.header.set_slope_inter(1.0, -1024.0)
+        nib.save(image, folder / "images" / f"{study}.nii.gz")
+        nib.save(_store(labels, affine, axcodes), folder / "masks" / f"{study}.nii.gz")
+        rows.append(
+            {
+                "study_id": study,
+                "image": f"images/{study}.nii.gz",
+                "mask": f"masks/{study}.nii.gz",
+                "findings": FINDINGS,
+                "impression": IMPRESSION,
+                "split": "train" if i % 5 else "valid",
+            }
+        )
+    rows += extra_rows or []
+    manifest = folder / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(
+            handle, ["study_id", "image", "mask", "findings", "impression", "split"]
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def _config(manifest: Path, cache: Path, **overrides) -> PreprocessConfig:
+    values = {"spacing": SPACING, "workers": 1, "progress": False} | overrides
+    return PreprocessConfig(manifest=manifest, cache=cache, **values)
+
+
+def _cache_rows(cache: Path) -> dict[str, dict]:
+    with (cache / "manifest.csv").open(newline="") as handle:
+        return {row["study_id"]: row for row in csv.DictReader(handle)}
+
+
+def _cache_files(cache: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(cache))
+        for p in cache.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and ".tmp" not in p.parts
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data"), 6)
+
+
+def test_end_to_end_cache_content(dataset, tmp_path):
+    cache = tmp_path / "cache"
+    summary = run_preprocess(_config(dataset, cache))
+    assert summary.counts == {"ok": 6, "skipped": 0, "failed": 0}, summary.format()
+    assert summary.exit_code == 0
+    table = load_anatomy_table("paper")
+    rows = _cache_rows(cache)
+    assert list(rows) == [f"s{i:03d}" for i in range(6)]
+    assert {r["status"] for r in rows.values()} == {"ok"}
+    assert rows["s000"]["split"] == "valid" and rows["s001"]["split"] == "train"
+    for study in rows:
+        folder = cache / "studies" / study
+        image = np.load(folder / "image.npy", mmap_mode="r")
+        anatomy = np.load(folder / "anatomy.npy", mmap_mode="r")
+        meta = json.loads((folder / "meta.json").read_text())
+        report = json.loads((folder / "report.json").read_text())
+        assert image.dtype == np.float16 and anatomy.dtype == np.uint8
+        assert image.shape == anatomy.shape == tuple(meta["shape"])
+        # 40 x 36 x 20 voxels of 1.5 x 1.5 x 3 mm in RAS -> (60 / 4, 54 / 2, 60 / 2) canonical
+        assert image.shape == (15, 27, 30)
+        assert meta["spacing"] == list(SPACING)
+        assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+        assert meta["table"] == "paper" and meta["orientation"]["canonical_axcodes"] == "SAR"
+        assert set(np.unique(anatomy)) <= {0, *table.ids}
+        for name, stats in meta["anatomies"].items():
+            where = np.argwhere(np.asarray(anatomy) == table[name].id)
+            assert stats["voxels"] == len(where)
+            if len(where):
+                assert stats["bbox"] == [
+                    [int(lo), int(hi) + 1]
+                    for lo, hi in zip(where.min(0), where.max(0), strict=True)
+                ]
+            else:
+                assert stats["bbox"] is None
+        for name in ("liver", "spleen", "kidney", "lumbar_vertebrae"):
+            assert meta["anatomies"][name]["voxels"] > 0, name
+        # canonical axis 2 grows towards the patient's right: liver right of spleen
+        liver, spleen = meta["anatomies"]["liver"]["bbox"], meta["anatomies"]["spleen"]["bbox"]
+        assert liver[2][0] > spleen[2][1] - 3
+        assert np.mean(liver[2]) > np.mean(spleen[2])
+        assert meta["config_hash"] and meta["inputs"]["image"]["sha256"]
+        assert report["anatomies"]["liver"]["normal"] is False
+        assert "cyst" in report["anatomies"]["liver"]["text"]
+        assert report["anatomies"]["spleen"]["normal"] is True
+        assert report["anatomies"]["pancreas"]["source"] == "default"
+    scaled = json.loads((cache / "studies" / "s003" / "meta.json").read_text())
+    assert scaled["rescale"]["nifti_scl_inter"] == -1024.0
+    assert scaled["rescale"]["air_as_stored"] == pytest.approx(-1000, abs=30)
+
+
+def test_orientation_of_the_file_does_not_change_the_cache(tmp_path):
+    # the same scan stored RAS, LPS and PIR gives byte-identical arrays
+    hu, labels, affine = _study_arrays(7)
+    rows = []
+    for axcodes in ("RAS", "LPS", "PIR"):
+        nib.save(_store(hu, affine, axcodes), tmp_path / f"{axcodes}.nii.gz")
+        nib.save(_store(labels, affine, axcodes), tmp_path / f"{axcodes}_seg.nii.gz")
+        rows.append([axcodes, f"{axcodes}.nii.gz", f"{axcodes}_seg.nii.gz", FINDINGS, IMPRESSION])
+    manifest = tmp_path / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        csv.writer(handle).writerows(
+            [["study_id", "image", "mask", "findings", "impression"], *rows]
+        )
+    assert run_preprocess(_config(manifest, tmp_path / "cache")).exit_code == 0
+    studies = tmp_path / "cache" / "studies"
+    for name in ("image.npy", "anatomy.npy"):
+        assert filecmp.cmp(studies / "RAS" / name, studies / "LPS" / name, shallow=False)
+        assert filecmp.cmp(studies / "RAS" / name, studies / "PIR" / name, shallow=False)
+
+
+def test_rerun_skips_unchanged_and_redoes_changed(dataset, tmp_path):
+    cache = tmp_path / "cache"
+    run_preprocess(_config(dataset, cache))
+    before = {p: (cache / p).read_bytes() for p in _cache_files(cache)}
+    again = run_preprocess(_config(dataset, cache))
+    assert again.counts == {"ok": 0, "skipped": 6, "failed": 0}
+    assert {p: (cache / p).read_bytes() for p in _cache_files(cache)} == before
+    # workers and progress are not part of the settings' hash
+    assert run_preprocess(_config(dataset, cache, workers=2)).counts["skipped"] == 6
+    # a changed setting redoes everything
+    assert run_preprocess(_config(dataset, cache, hu_window=(-1000, 1000))).counts["ok"] == 6
+    # a touched but unchanged file is re-hashed, found equal and skipped
+    image = dataset.parent / "images" / "s002.nii.gz"
+    os.utime(image, ns=(time.time_ns(), time.time_ns()))
+    assert run_preprocess(_config(dataset, cache, hu_window=(-1000, 1000))).counts["skipped"] == 6
+    # a study with a file deleted from the cache is redone
+    (cache / "studies" / "s001" / "image.npy").unlink()
+    redo = run_preprocess(_config(dataset, cache, hu_window=(-1000, 1000)))
+    assert redo.counts == {"ok": 1, "skipped": 5, "failed": 0}
+
+
+def test_parallel_workers_give_the_same_cache(dataset, tmp_path):
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    run_preprocess(_config(dataset, serial))
+    summary = run_preprocess(_config(dataset, parallel, workers=2))
+    assert summary.counts["ok"] == 6
+    files = _cache_files(serial)
+    assert files == _cache_files(parallel)
+    for name in files:
+        assert filecmp.cmp(serial / name, parallel / name, shallow=False), name
+
+
+def test_killed_run_resumes_to_identical_cache(tmp_path):
+    manifest = write_dataset(tmp_path / "data", 24)
+    reference = tmp_path / "reference"
+    assert run_preprocess(_config(manifest, reference)).exit_code == 0
+
+    cache = tmp_path / "cache"
+    command = [
+        sys.executable, "-m", "fvlm.preprocess.cli", "--manifest", str(manifest),
+        "--cache", str(cache), "--spacing", "[4, 2, 2]", "--workers", "2", "--progress", "false",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    studies = cache / "studies"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        if studies.is_dir() and any(studies.iterdir()):
+            break
+        time.sleep(0.002)
+    finished_alone = process.poll() is not None
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not finished_alone, process.stderr.read().decode()
+    done = [p.name for p in studies.iterdir()]
+    print("studies done before the kill:", len(done))
+    assert 1 <= len(done) < 24, done
+
+    summary = run_preprocess(_config(manifest, cache))
+    assert summary.exit_code == 0
+    assert summary.counts["skipped"] >= 1 and summary.counts["ok"] <= 24 - 1
+    files = _cache_files(reference)
+    assert files == _cache_files(cache)
+    for name in files:
+        assert filecmp.cmp(reference / name, cache / name, shallow=False), name
+    assert not any((cache / ".tmp").iterdir())
+
+
+def test_broken_inputs_fail_alone(tmp_path, capsys):
+    data = tmp_path / "data"
+    extra = [
+        {"study_id": "bad_gz", "image": "images/bad_gz.nii.gz", "mask": "masks/s000.nii.gz"},
+        {"study_id": "truncated", "image": "images/truncated.nii.gz", "mask": "masks/s001.nii.gz"},
+        {"study_id": "mask_shape", "image": "images/s000.nii.gz", "mask": "masks/small.nii.gz"},
+        {"study_id": "mask_affine", "image": "images/s000.nii.gz", "mask": "masks/shifted.nii.gz"},
+        {"study_id": "empty_report", "image": "images/s001.nii.gz", "mask": "masks/s001.nii.gz",
+         "findings": " ", "impression": ""},
+        {"study_id": "missing", "image": "images/nowhere.nii.gz", "mask": "masks/s001.nii.gz"},
+        {"study_id": "../escape", "image": "images/s001.nii.gz", "mask": "masks/s001.nii.gz"},
+    ]  # fmt: skip
+    for row in extra:
+        row.setdefault("findings", FINDINGS)
+        row.setdefault("impression", IMPRESSION)
+    manifest = write_dataset(data, 2, extra)
+    (data / "images" / "bad_gz.nii.gz").write_bytes(os.urandom(2048))
+    whole = (data / "images" / "s001.nii.gz").read_bytes()
+    (data / "images" / "truncated.nii.gz").write_bytes(whole[: len(whole) // 2])
+    seg = nib.load(data / "masks" / "s000.nii.gz")
+    nib.save(
+        nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), seg.affine), data / "masks" / "small.nii.gz"
+    )
+    shifted = seg.affine.copy()
+    shifted[0, 3] += 1.5
+    nib.save(nib.Nifti1Image(np.asarray(seg.dataobj), shifted), data / "masks" / "shifted.nii.gz")
+    with manifest.open("a") as handle:  # a row with too few fields, then a good one
+        handle.write("short_row,images/s000.nii.gz\n")
+        handle.write(f"late,images/s000.nii.gz,masks/s000.nii.gz,{FINDINGS},{IMPRESSION},test\n")
+
+    cache = tmp_path / "cache"
+    code = main(["--manifest", str(manifest), "--cache", str(cache), "--spacing", "[4, 2, 2]",
+                 "--workers", "1", "--progress", "false"])  # fmt: skip
+    assert code == 1
+    rows = _cache_rows(cache)
+    assert {k for k, r in rows.items() if r["status"] == "ok"} == {"s000", "s001", "late"}
+    reasons = {k: r["reason"] for k, r in rows.items() if r["status"] == "failed"}
+    assert "bad_gz.nii.gz" in reasons["bad_gz"]
+    assert "truncated.nii.gz" in reasons["truncated"]
+    assert "small.nii.gz" in reasons["mask_shape"] and "shape" in reasons["mask_shape"]
+    assert "shifted.nii.gz" in reasons["mask_affine"] and "affine" in reasons["mask_affine"]
+    assert "empty report" in reasons["empty_report"]
+    assert "nowhere.nii.gz" in reasons["missing"]
+    assert "safe folder name" in reasons["../escape"]
+    assert "expected 6 fields, got 2" in reasons["short_row"]
+    assert all("\n" not in reason for reason in reasons.values())
+    studies = {p.name for p in (cache / "studies").iterdir()}
+    assert studies == {"s000", "s001", "late"}
+    out = capsys.readouterr().out
+    assert "3 processed ok" in out and "8 failed" in out and "failed bad_gz:" in out
+
+    # a rerun retries the failures only, and a fixed input then succeeds
+    (data / "images" / "bad_gz.nii.gz").write_bytes((data / "images" / "s000.nii.gz").read_bytes())
+    summary = run_preprocess(_config(manifest, cache))
+    assert summary.counts == {"ok": 1, "skipped": 3, "failed": 7}
+
+
+class _FlakyDecomposer:
+    """Rules, except that one report makes it raise (e.g. a decomposer bug on odd text)."""
+
+    def __init__(self) -> None:
+        self.rules = RuleDecomposer(load_anatomy_table("paper"))
+
+    def decompose(self, findings: str, impression: str) -> Decomposition:
+        if "poison" in findings:
+            raise RuntimeError("cannot parse this report")
+        result = self.rules.decompose(findings, impression)
+        result.outcomes["fake"] += 1
+        return result
+
+
+def test_decomposer_failure_and_outcome_counts(tmp_path):
+    extra = [{"study_id": "poison", "image": "images/s000.nii.gz", "mask": "masks/s000.nii.gz",
+              "findings": "poison pill", "impression": ""}]  # fmt: skip
+    manifest = write_dataset(tmp_path / "data", 2, extra)
+    summary = run_preprocess(_config(manifest, tmp_path / "cache"), decomposer=_FlakyDecomposer())
+    assert summary.counts == {"ok": 2, "skipped": 0, "failed": 1}
+    failed = [r for r in summary.results if r.status == "failed"][0]
+    assert failed.study_id == "poison" and "cannot parse this report" in failed.reason
+    assert summary.outcomes["fake"] == 2
+    assert summary.sources == Counter({"default": 2 * 32, "rules": 2 * 3})
+    assert "outcomes default 64, fake 2, rules" in summary.format()
+
+
+def test_bad_manifest_and_options_fail_before_any_study(tmp_path, capsys):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("study_id,image,findings\nx,y.nii.gz,z\n")
+    assert main(["--manifest", str(manifest), "--cache", str(tmp_path / "c")]) == 2
+    assert "lacks required column(s) impression" in capsys.readouterr().err
+    manifest.write_text("study_id,image,findings,impression\nx,y.nii.gz,z,w\n")
+    assert main(["--manifest", str(manifest), "--cache", str(tmp_path / "c")]) == 2
+    assert "no 'mask' column" in capsys.readouterr().err
+    assert main(["--manifest", str(tmp_path / "nope.csv"), "--cache", str(tmp_path / "c")]) == 2
+    with pytest.raises(SystemExit):
+        main(["--manifest", str(manifest), "--cache", "c", "--segmenter", "magic"])
+    with pytest.raises(ValueError, match="hu_window"):
+        PreprocessConfig(manifest=manifest, cache=tmp_path, hu_window=(400, -300))
+
+
+def test_config_file_and_help(tmp_path, capsys):
+    repo = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for option in ("--spacing", "--hu_window", "--segmenter", "--totalseg_version", "--workers",
+                   "--decomposer", "--llm.base_url", "--rescale", "--config"):  # fmt: skip
+        assert option in help_text
+    for name in ("phantom", "abdomen", "chest"):
+        path = repo / "configs" / "preprocess" / f"{name}.yaml"
+        with pytest.raises(SystemExit):
+            main(["--config", str(path), "--manifest", "m.csv", "--cache", "c", "--print_config"])
+        printed = capsys.readouterr().out
+        assert "spacing" in printed and "hu_window" in printed, name
+    chest = (repo / "configs" / "preprocess" / "chest.yaml").read_text()
+    assert "0.75" in chest and "-1000" in chest
+
+
+def test_phantom_end_to_end(tmp_path, capsys):
+    phantom = pytest.importorskip("fvlm.phantom")
+    folder = tmp_path / "phantom"
+    manifest = phantom.generate_phantom(
+        folder, n_studies=8, seed=1, shape=(24, 32, 32), spacing=(8.0, 5.0, 5.0), progress=False
+    )
+    cache = tmp_path / "cache"
+    demo = Path(__file__).resolve().parents[1] / "configs" / "preprocess" / "phantom.yaml"
+    args = ["--config", str(demo), "--manifest", str(manifest), "--cache", str(cache),
+            "--workers", "1", "--progress", "false"]  # fmt: skip
+    assert main(args) == 0
+    assert "8 processed ok" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "0 processed ok, 8 skipped" in capsys.readouterr().out
+    with (folder / "labels.csv").open(newline="") as handle:
+        labels = list(csv.DictReader(handle))
+    storage = Counter()
+    for row in labels:
+        study = cache / "studies" / row["study_id"]
+        meta = json.loads((study / "meta.json").read_text())
+        report = json.loads((study / "report.json").read_text())
+        assert meta["shape"] == [24, 32, 32]
+        assert meta["rescale"]["warning"] is None
+        assert meta["rescale"]["air_as_stored"] == pytest.approx(-1000, abs=50)
+        storage[meta["orientation"]["source_axcodes"], meta["rescale"]["nifti_scl_inter"]] += 1
+        assert meta["anatomies"]["liver"]["voxels"] > 0
+        # the impression names exactly the drawn diseases, so their anatomies are not normal
+        for key, value in row.items():
+            anatomy = key.split("/")[0]
+            if value == "1" and anatomy in report["anatomies"]:
+                assert report["anatomies"][anatomy]["normal"] is False, (row["study_id"], key)
+    assert len(storage) > 1, storage  # the phantom varies orientation and header scaling
+
+
+class _KillerDecomposer:
+    """Rules, but the worker process dies on one report, as under the kernel's OOM killer."""
+
+    def __init__(self) -> None:
+        self.rules = RuleDecomposer(load_anatomy_table("paper"))
+
+    def decompose(self, findings: str, impression: str) -> Decomposition:
+        if "poison" in findings:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.rules.decompose(findings, impression)
+
+
+def test_a_worker_killed_by_one_study_costs_only_that_study(tmp_path):
+    extra = [{"study_id": "poison", "image": "images/s000.nii.gz", "mask": "masks/s000.nii.gz",
+              "findings": "poison pill", "impression": ""}]  # fmt: skip
+    manifest = write_dataset(tmp_path / "data", 5, extra)
+    config = _config(manifest, tmp_path / "cache", workers=2)
+    summary = run_preprocess(config, decomposer=_KillerDecomposer())
+    assert summary.counts == {"ok": 5, "skipped": 0, "failed": 1}, summary.format()
+    failed = [r for r in summary.results if r.status == "failed"][0]
+    assert failed.study_id == "poison" and "worker process died" in failed.reason
+    assert _cache_rows(tmp_path / "cache")["poison"]["status"] == "failed"
+
+
+def test_manifest_rows_are_parsed_one_by_one(tmp_path):
+    from fvlm.preprocess.manifest import read_manifest
+
+    text = (
+        "\ufeffstudy_id,image,mask,findings,impression,RescaleSlope,RescaleIntercept\n"
+        'a,img/a.nii.gz,/abs/a_seg.nii.gz,"Liver cyst.\nSpleen normal.",Cyst.,1,-1024\n'
+        "\n"
+        "b,img/b.nii.gz,,Normal.,,,\n"
+        "a,img/a2.nii.gz,,Dup.,,,\n"
+        "c,img/c.nii.gz,,Bad slope.,,one,0\n"
+        "d,img/d.nii.gz,,Nul \x00 byte.,,,\n"
+    ).encode() + b"e,img/e.nii.gz,,Latin-1 \xe9,,,\n"
+    path = tmp_path / "m.csv"
+    path.write_bytes(text)
+    manifest = read_manifest(path)
+    rows = {row.study_id: row for row in manifest.rows}
+    assert manifest.has_masks and manifest.columns[0] == "study_id"
+    a = manifest.rows[0]
+    assert a.study_id == "a" and a.error is None
+    assert a.image == tmp_path / "img" / "a.nii.gz" and a.mask == Path("/abs/a_seg.nii.gz")
+    assert a.findings == "Liver cyst.\nSpleen normal." and a.split == ""
+    assert (a.rescale_slope, a.rescale_intercept) == (1.0, -1024.0)
+    assert rows["b"].mask is None and rows["b"].rescale_slope is None and rows["b"].error is None
+    assert "duplicate study_id (first: line 2)" in manifest.rows[2].error
+    assert "could not convert string to float: 'one'" in rows["c"].error
+    assert rows["d"].error is None  # a NUL is just a character (csv accepts it since 3.11)
+    assert manifest.rows[-1].error == "line 9: not valid UTF-8"
+
+
+def test_llm_decomposer_in_worker_processes(tmp_path, monkeypatch):
+    # The paper's LLM decomposition through the parallel runner: the decomposer is pickled into
+    # spawned workers, talks to an OpenAI-protocol stub on 127.0.0.1, and its answer cache (by
+    # default inside the preprocessing cache) makes a forced rerun ask nothing again.
+    import re
+
+    from openai_stub_server import Reply, StubOpenAIServer
+
+    from fvlm.preprocess.config import LLMConfig
+
+    def oracle(request) -> Reply:
+        prompt = request.prompt
+        section = prompt.split("\n\nYou are a professional radiologist")[0].lower()
+        label = re.search(r"anatomy \(([^)]+)\)", prompt).group(1)
+        if "is mentioned in this CT image report" in prompt:
+            return Reply("Yes" if label.lower() in section else "No")
+        found = [s for s in re.split(r"(?<=\.)\s+", section) if label.lower() in s]
+        return Reply(f"**{label}**: {' '.join(found) or section}")  # asked: it is mentioned
+
+    monkeypatch.setenv("FVLM_TEST_LLM_KEY", "sk-test")
+    manifest = write_dataset(tmp_path / "data", 3)
+    cache = tmp_path / "cache"
+    with StubOpenAIServer(oracle) as server:
+        llm = LLMConfig(base_url=server.base_url, model="stub", api_key_env="FVLM_TEST_LLM_KEY",
+                        timeout_s=5.0, backoff_s=0.01, max_concurrency=4)  # fmt: skip
+        config = _config(manifest, cache, decomposer="llm", llm=llm, workers=2)
+        assert config.llm.cache_dir == cache / "llm_answers"
+        summary = run_preprocess(config)
+        assert summary.counts["ok"] == 3, summary.format()
+        asked = len(server.requests)
+        assert asked >= 2 * 35  # a mention prompt per anatomy and section (same text: cached)
+        again = run_preprocess(_config(manifest, cache, decomposer="llm", llm=llm, force=True))
+        assert again.counts["ok"] == 3 and len(server.requests) == asked
+    assert summary.sources["llm"] >= 3 and "llm" in summary.format()
+    report = json.loads((cache / "studies" / "s000" / "report.json").read_text())
+    assert report["decomposer"] == "llm"
+    assert report["anatomies"]["liver"]["source"] == "llm"
+    assert report["anatomies"]["liver"]["normal"] is False  # "Hepatic cyst." (string matching)
+    assert any((cache / "llm_answers").rglob("*.json"))
+    assert _cache_rows(cache)["s000"]["status"] == "ok"

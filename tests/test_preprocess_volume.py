@@ -1,0 +1,253 @@
+"""Volume canonicalisation, resampling, HU window and the slope/intercept decision, with numbers."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel import orientations
+
+from fvlm.preprocess.rescale import apply_rescale, decide_rescale
+from fvlm.preprocess.volume import (
+    CANONICAL_AXCODES,
+    Volume,
+    canonicalise,
+    load_nifti,
+    resample,
+    window_hu,
+)
+
+CANONICAL_SPACING = (5.0, 2.0, 3.0)
+
+
+def _canonical_volume(seed: int = 0) -> Volume:
+    """A random volume already on the canonical axes, with a non-trivial origin."""
+    data = np.random.default_rng(seed).integers(-1000, 1000, (6, 7, 8)).astype(np.int16)
+    affine = np.zeros((4, 4))
+    affine[2, 0], affine[1, 1], affine[0, 2] = CANONICAL_SPACING  # axis0->S, axis1->A, axis2->R
+    affine[:, 3] = [-40.0, 12.5, 80.0, 1.0]
+    return Volume(data, affine)
+
+
+def _reoriented(volume: Volume, axcodes: tuple[str, str, str]) -> Volume:
+    """The same scan stored with another axis order/direction (what scanners write)."""
+    transform = orientations.ornt_transform(
+        orientations.io_orientation(volume.affine), orientations.axcodes2ornt(axcodes)
+    )
+    data = orientations.apply_orientation(volume.data, transform)
+    affine = volume.affine @ orientations.inv_ornt_aff(transform, volume.data.shape)
+    return Volume(np.ascontiguousarray(data), affine)
+
+
+ORIENTATIONS = [
+    ("L", "P", "S"),  # DICOM's LPS
+    ("R", "A", "S"),  # nibabel's canonical RAS
+    ("L", "A", "S"),  # radiological RAS variant
+    ("P", "I", "L"),
+    ("A", "L", "I"),
+    ("S", "A", "R"),
+]
+
+
+@pytest.mark.parametrize("axcodes", ORIENTATIONS, ids="".join)
+def test_every_orientation_gives_the_same_canonical_array(axcodes):
+    reference = _canonical_volume()
+    stored = _reoriented(reference, axcodes)
+    assert stored.axcodes == axcodes
+    canonical, record = canonicalise(stored)
+    assert canonical.axcodes == CANONICAL_AXCODES
+    np.testing.assert_array_equal(canonical.data, reference.data)
+    np.testing.assert_allclose(canonical.affine, reference.affine, atol=1e-9)
+    assert record["source_axcodes"] == "".join(axcodes)
+    assert record["canonical_axcodes"] == "SAR"
+    assert canonical.spacing == pytest.approx(CANONICAL_SPACING)
+
+
+def test_canonical_axes_point_superior_anterior_right():
+    # An LPS-stored scan whose value at each voxel is its world coordinate (RAS+, mm): after
+    # canonicalisation axis 0 must grow with z (superior), axis 1 with y (anterior) and axis 2
+    # with x (patient's right).
+    shape = (5, 6, 7)
+    affine = np.diag([-2.0, -3.0, 4.0, 1.0])  # i -> Left, j -> Posterior, k -> Superior
+    ijk = np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), -1)
+    world = ijk @ affine[:3, :3].T + affine[:3, 3]
+    for axis, coordinate in ((0, 2), (1, 1), (2, 0)):
+        canonical, _ = canonicalise(Volume(world[..., coordinate], affine))
+        steps = np.diff(canonical.data, axis=axis)
+        assert (steps > 0).all(), f"axis {axis} does not grow with world coordinate {coordinate}"
+
+
+def test_oblique_scan_keeps_its_rotation_in_the_affine():
+    angle = np.radians(10)
+    rotation = np.array(
+        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    )
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([-1.0, -1.0, 2.0])
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    canonical, record = canonicalise(Volume(data, affine))
+    ijk = np.array([1, 2, 3, 1.0])
+    # the same voxel value sits at the same world position before and after
+    value = canonical.data[1, 2, 3]
+    source = np.argwhere(data == value)[0]
+    np.testing.assert_allclose(canonical.affine @ ijk, affine @ np.array([*source, 1.0]), atol=1e-9)
+    assert record["obliquity_deg"][0] == pytest.approx(10.0, abs=1e-6)
+
+
+def _linear_world(volume_shape, affine, coefficients=(0.5, -0.25, 2.0), offset=7.0):
+    ijk = np.stack(np.meshgrid(*map(np.arange, volume_shape), indexing="ij"), -1)
+    world = ijk @ affine[:3, :3].T + affine[:3, 3]
+    return (world @ np.array(coefficients) + offset).astype(np.float32)
+
+
+def test_resample_spacing_shape_and_world_positions():
+    affine = np.zeros((4, 4))
+    affine[2, 0], affine[1, 1], affine[0, 2], affine[3, 3] = 2.5, 0.7, 0.7, 1.0
+    affine[:3, 3] = [-100.0, -50.0, 30.0]
+    shape = (20, 50, 60)
+    volume = Volume(_linear_world(shape, affine), affine)
+    out = resample(volume, (5.0, 1.0, 1.0), "linear")
+    assert out.spacing == pytest.approx((5.0, 1.0, 1.0))
+    assert out.data.shape == (10, 35, 42)  # round(20 * 2.5 / 5), round(50 * .7), round(60 * .7)
+    assert out.data.dtype == np.float32
+    # field of view kept: first/last voxel edges coincide with the input's along each axis
+    for axis, (n_in, s_in, n_out) in enumerate(
+        zip(shape, (2.5, 0.7, 0.7), out.data.shape, strict=True)
+    ):
+        assert n_out * out.spacing[axis] == pytest.approx(n_in * s_in, abs=out.spacing[axis] / 2)
+    # trilinear interpolation reproduces a linear function of world position exactly, so every
+    # output voxel whose centre lies inside the input grid holds the value at its world position
+    expected = _linear_world(out.data.shape, out.affine)
+    inside = np.ones(out.data.shape, dtype=bool)
+    inside[-1], inside[:, -1], inside[:, :, -1] = False, False, False  # edge-clamped samples
+    inside[:, 0], inside[:, :, 0] = False, False
+    np.testing.assert_allclose(out.data[inside], expected[inside], atol=1e-3)
+
+
+def test_nearest_keeps_labels_and_shares_the_image_grid():
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    labels = np.zeros((10, 12, 14), dtype=np.uint8)
+    labels[2:6, 3:9, 4:12] = 7
+    labels[6:9, 1:3, 1:3] = 200
+    image = Volume(labels.astype(np.float32), affine)
+    out_labels = resample(Volume(labels, affine), (5.0, 1.0, 1.0), "nearest")
+    out_image = resample(image, (5.0, 1.0, 1.0), "linear")
+    assert out_labels.data.dtype == np.uint8
+    assert set(np.unique(out_labels.data)) == {0, 7, 200}
+    np.testing.assert_allclose(out_labels.affine, out_image.affine)
+    assert out_labels.data.shape == out_image.data.shape == (6, 36, 42)
+    # nearest neighbour = the output voxels whose centre lies in the box [6,18)x[9,27)x[12,36) mm;
+    # centres sit at 2.5 + 5k mm (3 inside) along axis 0 and 0.5 + k mm in-plane (18 and 24)
+    assert (out_labels.data == 7).sum() == 3 * 18 * 24
+
+
+def test_resample_rejects_bad_arguments():
+    volume = _canonical_volume()
+    with pytest.raises(ValueError, match="interpolation"):
+        resample(volume, (1.0, 1.0, 1.0), "cubic")
+    with pytest.raises(ValueError, match="positive"):
+        resample(volume, (1.0, 0.0, 1.0), "linear")
+
+
+def test_window_maps_the_paper_range_to_unit_interval():
+    hu = np.array([-1000, -300, 50, 400, 1000, -650], dtype=np.int16)
+    out = window_hu(hu, (-300, 400))
+    np.testing.assert_allclose(out, [0.0, 0.0, 0.5, 1.0, 1.0, 0.0], atol=1e-6)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(window_hu(np.array([0.0, -500.0]), (-1000, 1000)), [0.5, 0.25])
+    with pytest.raises(ValueError, match="lo < hi"):
+        window_hu(hu, (400, -300))
+
+
+def _hu_phantom() -> np.ndarray:
+    """HU volume: padding corners (-3024), air (-1000), a body of soft tissue (40) and bone."""
+    data = np.full((8, 40, 40), -1000, dtype=np.int16)
+    yy, xx = np.mgrid[:40, :40]
+    data[:, (yy - 20) ** 2 + (xx - 20) ** 2 < 14**2] = 40
+    data[:, 18:22, 18:22] = 700
+    data[:, (yy - 20) ** 2 + (xx - 20) ** 2 > 19**2] = -3024
+    return data
+
+
+def test_rescale_is_skipped_for_data_already_in_hu():
+    # CT-RATE v2: values are HU, but the metadata still says slope 1, intercept -1024
+    hu = _hu_phantom()
+    decision = decide_rescale(hu, slope=1.0, intercept=-1024.0)
+    assert not decision.applied
+    assert decision.air_as_stored == pytest.approx(-1000.0)
+    assert decision.air_if_rescaled == pytest.approx(-2024.0)
+    assert "already HU" in decision.reason
+    assert decision.warning is None
+    assert apply_rescale(hu, decision) is hu
+
+
+def test_rescale_is_applied_to_raw_values():
+    hu = _hu_phantom()
+    raw = np.where(hu == -3024, -2000, hu + 1024).astype(np.int16)  # stored values, padding -2000
+    decision = decide_rescale(raw, slope=1.0, intercept=-1024.0)
+    assert decision.applied
+    assert decision.air_as_stored == pytest.approx(24.0)
+    assert decision.air_if_rescaled == pytest.approx(-1000.0)
+    restored = apply_rescale(raw, decision)
+    body = hu > -1500
+    np.testing.assert_array_equal(restored[body], hu[body].astype(np.float32))
+
+
+def test_rescale_with_another_slope_and_the_override_policies():
+    hu = _hu_phantom().astype(np.float32)
+    raw = (hu + 1000.0) / 0.5  # slope 0.5, intercept -1000
+    decision = decide_rescale(raw, 0.5, -1000.0)
+    assert decision.applied
+    np.testing.assert_allclose(apply_rescale(raw, decision)[hu > -1500], hu[hu > -1500])
+    forced = decide_rescale(hu, 1.0, -1024.0, policy="always")
+    assert forced.applied and forced.warning is not None  # air would land at -2024 HU
+    assert not decide_rescale(raw, 0.5, -1000.0, policy="never").applied
+    assert not decide_rescale(hu, None, None).applied
+    assert not decide_rescale(hu, 1.0, 0.0).applied
+    with pytest.raises(ValueError, match="policy"):
+        decide_rescale(hu, 1.0, -1024.0, policy="sometimes")
+
+
+def test_nifti_header_scaling_is_applied_once(tmp_path):
+    # Stored raw with scl_slope/scl_inter in the header (nibabel applies it) *and* the external
+    # metadata repeating the same rescale: the decision must not apply it a second time.
+    hu = _hu_phantom()
+    image = nib.Nifti1Image((hu + 1024).astype(np.int16), np.diag([-0.8, -0.8, 5.0, 1.0]))
+    image.header.set_slope_inter(1.0, -1024.0)
+    path = tmp_path / "scaled.nii.gz"
+    nib.save(image, path)
+    loaded = load_nifti(path)
+    assert (loaded.scl_slope, loaded.scl_inter) == (1.0, -1024.0)
+    np.testing.assert_array_equal(loaded.volume.data, hu.astype(np.float32))
+    assert not decide_rescale(loaded.volume.data, 1.0, -1024.0).applied
+
+
+def test_load_nifti_rejects_broken_files(tmp_path):
+    good = tmp_path / "good.nii.gz"
+    nib.save(nib.Nifti1Image(_hu_phantom(), np.eye(4)), good)
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(gzip.compress(b"not a nifti header" * 40))
+    four_d = tmp_path / "4d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.int16), np.eye(4)), four_d)
+    for path in (truncated, corrupt, tmp_path / "missing.nii.gz", four_d):
+        with pytest.raises(Exception):  # noqa: B017 - nibabel/gzip raise several kinds
+            load_nifti(path)
+    assert load_nifti(good).volume.data.dtype == np.int16
+
+
+@pytest.mark.parametrize("axcodes", list(itertools.islice(ORIENTATIONS, 3)), ids="".join)
+def test_pipeline_order_is_orientation_independent(axcodes):
+    # canonicalise + resample + window of the same scan stored in different orientations
+    reference = _canonical_volume(seed=3)
+    out_ref = resample(canonicalise(reference)[0], (10.0, 1.0, 1.5), "linear")
+    stored = _reoriented(reference, axcodes)
+    out = resample(canonicalise(stored)[0], (10.0, 1.0, 1.5), "linear")
+    np.testing.assert_array_equal(
+        window_hu(out.data, (-300, 400)), window_hu(out_ref.data, (-300, 400))
+    )
+    np.testing.assert_allclose(out.affine, out_ref.affine, atol=1e-9)
