@@ -67,6 +67,10 @@ demo: ## Install, make phantom data, preprocess, train fVLM + CLIP, evaluate, pr
 	$(MAKE) --no-print-directory phantom preprocess train-demo eval-demo && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s; plots and tables in runs/demo/eval/"
 
+eval-ctrate: $(STAMP) ## CT-RATE zero-shot evaluation: make eval-ctrate CTRATE=<dir> CKPT=<ckpt>
+	@test -n "$(CTRATE)" -a -n "$(CKPT)" || { echo "usage: make eval-ctrate CTRATE=<CT-RATE dir> CKPT=<checkpoint>"; exit 2; }
+	$(BIN)/fvlm eval-ctrate --root $(CTRATE) --ckpt $(CKPT) --cache $(or $(CTRATE_CACHE),data/cache/ctrate) --out runs/eval-ctrate
+
 bench: $(STAMP) ## Benchmarks: preprocessing vs naive, fine-grained vs CLIP step, loader vs step
 	$(BIN)/python benchmarks/bench_preprocess.py
 	$(BIN)/python benchmarks/bench_train.py
