@@ -201,7 +201,7 @@ def test_rerun_hits_the_cache_with_zero_requests(table, tmp_path):
 def test_slow_answer_times_out_once_then_retries(table):
     def slow_first(request: Request) -> Reply:
         reply = oracle(request)
-        return Reply(reply.content, delay_s=1.5) if request.index == 0 else reply
+        return Reply(reply.content, delay_s=6.0) if request.index == 0 else reply
 
     with StubOpenAIServer(slow_first) as server:
         start = time.monotonic()
@@ -211,7 +211,7 @@ def test_slow_answer_times_out_once_then_retries(table):
     assert result.outcomes["error_timeout"] == 1 and result.outcomes["retry"] == 1
     assert result.outcomes["llm_answer"] == N_PROMPTS
     assert len(server.requests) == N_PROMPTS + 1
-    assert elapsed < 1.5  # the client gave up after timeout_s, it did not wait for the answer
+    assert elapsed < 5.0  # the client gave up after timeout_s, it did not wait for the answer
 
 
 def test_http_500_then_success(table):
@@ -283,7 +283,7 @@ def test_server_down_falls_back_quickly_and_warns_once(table, caplog):
         assert result.outcomes["fallback_rules"] == 8  # every (section, anatomy) pair
         assert "llm_answer" not in result.outcomes
     assert second.outcomes["error_connection"] == 0  # the breaker is open: no network at all
-    assert elapsed < 2.0
+    assert elapsed < 5.0  # no per-request timeouts: refused connections fail fast
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "falls back to the keyword rules" in warnings[0].getMessage()
     assert SECRET not in caplog.text

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import pytest
 import torch
@@ -475,15 +474,6 @@ def test_fine_grained_gradients_reach_every_parameter() -> None:
     ):
         grad = dict(model.named_parameters())[name].grad
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
-
-
-def test_tiny_forward_backward_is_fast() -> None:
-    model = tiny_fine_grained()
-    batch = tiny_batch()
-    clip_loss(model(batch)).backward()  # warm-up
-    start = time.perf_counter()
-    clip_loss(model(batch)).backward()
-    assert time.perf_counter() - start < 1.0
 
 
 def test_bf16_autocast_keeps_float32_embeddings() -> None:
