@@ -13,7 +13,7 @@ MANIFEST ?= $(DATA)/manifest.csv
 CACHE ?= data/cache/phantom
 N_STUDIES ?= 240
 PREPROCESS_CONFIG ?= configs/preprocess/phantom.yaml
-WORKERS ?= 2
+WORKERS ?= 1
 
 .DEFAULT_GOAL := help
 .PHONY: help venv test test-slow lint format phantom preprocess train-demo eval-demo demo bench eval-ctrate clean

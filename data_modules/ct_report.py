@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 import os
 from collections import Counter
+from collections.abc import Iterator
 from typing import Literal
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fvlm.anatomy import AnatomyTable, load_anatomy_table
 from fvlm.models.text import MINILM, resolve_text_model
@@ -17,9 +19,74 @@ from fvlm.models.text import MINILM, resolve_text_model
 from .collate import collate_studies
 from .study_dataset import CachedStudyDataset, read_cache_manifest
 
-__all__ = ["CTReportDataModule", "Split"]
+__all__ = ["CTReportDataModule", "EpochSampler", "LazyLoader", "SeededItems", "Split"]
 
 Split = Literal["train", "val", "test"]
+
+
+class EpochSampler(DistributedSampler):
+    """Order and per-study augmentation seeds as functions of ``(seed, epoch, index)`` only.
+
+    A resumed run must see the batches and crops an uninterrupted one would have seen: Lightning
+    calls :meth:`set_epoch` before every epoch (also right after loading a checkpoint), while a
+    generator- or worker-seeded loader would restart from its first epoch. Each index is yielded
+    with the seed of its random crop/flip, so augmentation no longer depends on the number of
+    workers either. Iterated without :meth:`set_epoch` (plain loops), it advances one epoch per
+    pass so every pass still draws fresh orders and crops.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, drop_last: bool):
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+            drop_last=drop_last,
+        )  # fmt: skip
+        self._passes = 0
+        self._epoch_given = False
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pin the epoch (Lightning calls this before every training epoch)."""
+        super().set_epoch(epoch)
+        self._epoch_given = True
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self._passes and not self._epoch_given:
+            self.epoch += 1
+        self._passes, self._epoch_given = self._passes + 1, False
+        for index in super().__iter__():
+            entropy = np.random.SeedSequence((self.seed, self.epoch, index))
+            yield index, int(entropy.generate_state(1)[0])
+
+
+class SeededItems(Dataset):
+    """Reads ``(index, seed)`` keys: the item's crop/flip draw from a generator seeded by ``seed``.
+
+    ``fork_rng`` keeps the caller's generator untouched, which matters without workers, where the
+    dataset runs in the training process.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+class LazyLoader(DataLoader):
+    """A DataLoader whose iterator, and so its workers' index prefetch, starts at the first batch.
+
+    Lightning creates the training iterator before its ``set_epoch`` call of a fit's first epoch
+    (``estimated_stepping_batches`` even loads it before a checkpoint's loop state is restored);
+    an eager iterator with workers would then have drawn the first batches for epoch 0.
+    """
+
+    def __iter__(self) -> Iterator:
+        yield from super().__iter__()
 
 
 class CTReportDataModule(LightningDataModule):
@@ -56,10 +123,11 @@ class CTReportDataModule(LightningDataModule):
         flip_axes: Axes flipped at random when ``flip``: 0 inferior-superior, 1 posterior-anterior,
             2 left-right. The default mirrors left-right only, which keeps the body upright;
             laterality words in reports then refer to the mirrored side.
-        seed: Seeds the training order (and, with workers, the workers' crop/flip randomness),
-            so two co-teaching networks given different seeds see different orders and
-            augmentations. With ``num_workers=0`` crops follow torch's global generator
-            (``seed_everything``). Under DDP it also seeds the ``DistributedSampler``.
+        seed: Seeds the training order and every study's crop/flip as functions of
+            ``(seed, epoch, index)`` (see :class:`EpochSampler`), so two co-teaching networks given
+            different seeds see different orders and augmentations, the number of workers changes
+            nothing, and a run resumed from a checkpoint repeats the uninterrupted run exactly.
+            Under DDP each rank takes its own shard of that order.
         pin_memory: Pin host memory for faster copies to the GPU; ``None`` pins when CUDA is
             available.
         train_split: ``split`` value of training studies in the cache manifest.
@@ -170,12 +238,12 @@ class CTReportDataModule(LightningDataModule):
         )
 
     def _dataloader_factory(self, split: Split) -> DataLoader:
-        """One loader recipe for every split; training shuffles with a generator seeded by ``seed``.
+        """One loader recipe for every split; training draws order and crops from seed and epoch.
 
         The training loader drops an incomplete last batch once a full batch exists: a
-        contrastive loss over a batch of one has no negatives. Under multi-process training the
-        training loader brings its own ``DistributedSampler`` seeded by ``seed`` (Lightning's
-        would follow the global seed), so the data order still depends on this module's seed.
+        contrastive loss over a batch of one has no negatives. Its :class:`EpochSampler` is a
+        ``DistributedSampler`` (one replica without DDP), so Lightning neither replaces it under
+        DDP nor forgets its ``set_epoch`` call.
         """
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
@@ -185,30 +253,27 @@ class CTReportDataModule(LightningDataModule):
         if self.num_workers > 0:
             # Forked workers inherit the parent's tokenizer; its thread pool must not be live.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        generator = torch.Generator().manual_seed(self.seed) if train else None
         drop_last = train and len(dataset) >= batch_size
         sampler = None
-        trainer = self.trainer
-        if train and trainer is not None and trainer.world_size > 1:
-            sampler = DistributedSampler(
+        if train:
+            trainer = self.trainer
+            distributed = trainer is not None and trainer.world_size > 1
+            sampler = EpochSampler(
                 dataset,
-                num_replicas=trainer.world_size,
-                rank=trainer.global_rank,
-                shuffle=True,
+                num_replicas=trainer.world_size if distributed else 1,
+                rank=trainer.global_rank if distributed else 0,
                 seed=self.seed,
                 drop_last=drop_last,
             )
-        return DataLoader(
-            dataset,
+        return (LazyLoader if train else DataLoader)(
+            SeededItems(dataset) if train else dataset,
             batch_size=batch_size,
-            shuffle=train and sampler is None,
             sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             collate_fn=functools.partial(collate_studies, pad_token_id=dataset.pad_token_id),
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            generator=generator,
         )
 
     def train_dataloader(self) -> DataLoader:

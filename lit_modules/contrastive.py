@@ -6,6 +6,7 @@ in which network(s) they build and how a step uses them; everything else lives h
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -164,6 +165,10 @@ class ContrastiveModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the module class so :func:`load_checkpoint` needs no other information."""
         checkpoint["fvlm_module"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        # A VisionConfig object would make the checkpoint unloadable with weights_only=True.
+        hparams = checkpoint.get("hyper_parameters", {})
+        if isinstance(hparams.get("vision"), VisionConfig):
+            hparams["vision"] = dataclasses.asdict(hparams["vision"])
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> ContrastiveModule:

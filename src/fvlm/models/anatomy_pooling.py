@@ -101,8 +101,10 @@ class AnatomyPooling(nn.Module):
         self.proj_weight = nn.Parameter(torch.empty(num_anatomies, hidden_size, embed_dim))
         self.proj_bias = nn.Parameter(torch.zeros(num_anatomies, embed_dim))
         nn.init.trunc_normal_(self.query, std=0.02)
+        # Xavier (not ViT's 0.02) so that from the first step the pooled embedding depends on the
+        # anatomy's tokens rather than being dominated by the constant query.
         for linear in (self.to_q, self.to_kv, self.out):
-            nn.init.trunc_normal_(linear.weight, std=0.02)
+            nn.init.xavier_uniform_(linear.weight)
             nn.init.zeros_(linear.bias)
         nn.init.trunc_normal_(self.proj_weight, std=1.0 / math.sqrt(hidden_size))
 

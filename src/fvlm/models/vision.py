@@ -204,6 +204,11 @@ class VisionTransformer3D(nn.Module):
             block.norm_cross_attn = nn.Identity()
         self.norm = nn.LayerNorm(config.hidden_size)
         self.blocks.apply(_init_vit_weights)
+        # CT intensities are absolute (HU). A homogeneous patch embeds as c * sum(w) + b, and the
+        # LayerNorms keep only its direction, which for a near-zero bias does not depend on the
+        # intensity c: fatty and healthy liver would look alike. A bias of the same order as
+        # c * sum(w) makes the direction, hence the token, depend on c from the first step.
+        nn.init.normal_(self.patch_embedding.patch_embeddings.bias, std=0.5)
         self.train()
         if config.init_from:
             load_2d_checkpoint(self, config.init_from)
