@@ -58,11 +58,15 @@ DEFAULT_POSITIVE_TEMPLATES: tuple[str, ...] = (
     "{term} is seen in the {anatomy}.",
     "Findings in the {anatomy} are consistent with {term}.",
 )
+# Negatives describe the normal anatomy instead of negating the finding: sentence encoders embed
+# "no steatosis" close to "steatosis", which made negated prompts nearly as similar to diseased
+# anatomies as the positive ones (phantom demo: macro AUROC 0.68 -> 0.71 with these). Negated
+# templates remain available through ``PromptTemplates(negative=...)``.
 DEFAULT_NEGATIVE_TEMPLATES: tuple[str, ...] = (
     "{anatomy} shows no significant abnormalities.",
-    "{anatomy} shows no {term}.",
-    "There is no {term} in the {anatomy}.",
-    "No {term} is seen in the {anatomy}.",
+    "Unremarkable {anatomy}.",
+    "The {anatomy} is normal.",
+    "Normal {anatomy}.",
 )
 _FIELDS = {"anatomy", "term"}
 _ARTICLES = ("a ", "an ", "the ")
