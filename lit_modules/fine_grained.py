@@ -7,14 +7,12 @@ itself, a momentum (EMA) copy, and co-teaching (see :mod:`fvlm.lit_modules.co_te
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
 
-from fvlm.lit_modules.contrastive import ContrastiveModule, adamw
-from fvlm.loss import AnatomyReduction
-from fvlm.models import MINILM, FineGrainedOutput, VisionConfig
+from fvlm.lit_modules.contrastive import ContrastiveModule
+from fvlm.models import FineGrainedOutput
 
 __all__ = ["FineGrainedCLIPModule"]
 
@@ -28,44 +26,19 @@ class FineGrainedCLIPModule(ContrastiveModule):
         alpha: Weight of the hard targets in Eq. 3 (paper: 0.5).
         burn_in_epochs: Epochs trained on hard targets before label correction starts.
         momentum: EMA decay of the momentum network.
-        **others: See :class:`~fvlm.lit_modules.contrastive.ContrastiveModule`.
+        **kwargs: The towers, loss and optimiser options of
+            :class:`~fvlm.lit_modules.contrastive.ContrastiveModule` (all shown by ``--help``).
     """
 
     def __init__(
         self,
-        num_anatomies: int = 0,
-        vision: VisionConfig | None = None,
-        text_model: str = MINILM,
-        text_config: dict | None = None,
-        text_trainable_layers: int | None = None,
-        text_pooling: Literal["cls", "mean"] = "cls",
-        embed_dim: int = 512,
-        fncn: bool = True,
-        identical_text_positive: bool = True,
-        anatomy_reduction: AnatomyReduction = "sum",
         label_correction: Literal["none", "self", "momentum"] = "none",
         alpha: float = 0.5,
         burn_in_epochs: int = 5,
         momentum: float = 0.999,
-        optimizer: OptimizerCallable = adamw,
-        warmup_epochs: float = 1.0,
-        min_lr: float = 1e-6,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_anatomies=num_anatomies,
-            vision=vision,
-            text_model=text_model,
-            text_config=text_config,
-            text_trainable_layers=text_trainable_layers,
-            text_pooling=text_pooling,
-            embed_dim=embed_dim,
-            fncn=fncn,
-            identical_text_positive=identical_text_positive,
-            anatomy_reduction=anatomy_reduction,
-            optimizer=optimizer,
-            warmup_epochs=warmup_epochs,
-            min_lr=min_lr,
-        )
+        super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["optimizer"])
         self.network = self.build_network("fine_grained")
         self.momentum_network = None

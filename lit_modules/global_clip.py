@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
 
-from fvlm.lit_modules.contrastive import ContrastiveModule, adamw
-from fvlm.models import MINILM, FineGrainedOutput, VisionConfig
+from fvlm.lit_modules.contrastive import ContrastiveModule
+from fvlm.models import FineGrainedOutput
 
 __all__ = ["GlobalCLIPModule"]
 
@@ -22,34 +21,9 @@ class GlobalCLIPModule(ContrastiveModule):
     """
 
     def __init__(
-        self,
-        num_anatomies: int = 0,
-        vision: VisionConfig | None = None,
-        text_model: str = MINILM,
-        text_config: dict | None = None,
-        text_trainable_layers: int | None = None,
-        text_pooling: Literal["cls", "mean"] = "cls",
-        embed_dim: int = 512,
-        fncn: bool = False,
-        identical_text_positive: bool = False,
-        optimizer: OptimizerCallable = adamw,
-        warmup_epochs: float = 1.0,
-        min_lr: float = 1e-6,
+        self, fncn: bool = False, identical_text_positive: bool = False, **kwargs: Any
     ) -> None:
-        super().__init__(
-            num_anatomies=num_anatomies,
-            vision=vision,
-            text_model=text_model,
-            text_config=text_config,
-            text_trainable_layers=text_trainable_layers,
-            text_pooling=text_pooling,
-            embed_dim=embed_dim,
-            fncn=fncn,
-            identical_text_positive=identical_text_positive,
-            optimizer=optimizer,
-            warmup_epochs=warmup_epochs,
-            min_lr=min_lr,
-        )
+        super().__init__(fncn=fncn, identical_text_positive=identical_text_positive, **kwargs)
         self.network = self.build_network("global")
 
     def forward(self, batch: dict) -> FineGrainedOutput:
