@@ -29,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 from typing import Any
 
@@ -132,30 +131,6 @@ def loader_throughput(cache: Path, batch_size: int, num_workers: int, batches: i
 # -- one model per process ---------------------------------------------------------------------
 
 
-def encode_every_valid_text(
-    self: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, valid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``TextEncoder.encode_unique`` minus the deduplication: one encoder row per valid pair.
-
-    Same row selection and padding trim as the real method, so the comparison isolates the
-    deduplication.
-    """
-    from fvlm.models.text import text_keys
-
-    lead, length = valid.shape, input_ids.shape[-1]
-    ids = input_ids.reshape(-1, length)
-    mask = attention_mask.reshape(-1, length).long()
-    rows = valid.reshape(-1).nonzero().squeeze(1)
-    out = torch.zeros(ids.shape[0], self.proj.out_features, device=ids.device)
-    keys = torch.full((ids.shape[0],), -1, dtype=torch.int64, device=ids.device)
-    ids, mask = ids[rows], mask[rows]
-    width = int(mask.any(0).nonzero().max()) + 1
-    ids, mask = ids[:, :width], mask[:, :width]
-    keys[rows] = text_keys(ids, mask)
-    out = out.index_put((rows,), self(ids, mask))
-    return out.view(*lead, -1), keys.view(lead)
-
-
 def _rss_mib(field: str) -> float | None:
     """``VmRSS``/``VmHWM`` of this process in MiB (Linux), else ``None``."""
     try:
@@ -199,7 +174,7 @@ def train_phase(spec: dict, batches: list[dict], results: Any) -> None:
     module = module.to(device).train()
     text = module.network.text
     if not spec["dedup"]:
-        text.encode_unique = types.MethodType(encode_every_valid_text, text)
+        text.deduplicate = False
     encoded: list[int] = []
     text.register_forward_hook(lambda _m, args, _out: encoded.append(args[0].numel()))
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.05)

@@ -390,6 +390,25 @@ def test_encode_unique_encodes_each_distinct_valid_text_once() -> None:
     torch.testing.assert_close(keys[valid], text_keys(ids, mask)[valid])
 
 
+def test_encode_unique_without_deduplication_encodes_every_valid_row() -> None:
+    torch.manual_seed(0)
+    encoder = TextEncoder(config=tiny_bert(), embed_dim=E).eval()
+    ids = torch.tensor([[[3, 4, 5], [3, 4, 5]], [[3, 9, 0], [3, 4, 5]]])
+    mask = (ids > 0).long()
+    valid = torch.ones(2, 2, dtype=torch.bool)
+    rows: list[int] = []
+    encoder.backbone.register_forward_hook(
+        lambda module, args, kwargs, output: rows.append(kwargs["input_ids"].shape[0]),
+        with_kwargs=True,
+    )
+    deduplicated, keys = encoder.encode_unique(ids, mask, valid)
+    encoder.deduplicate = False
+    every, every_keys = encoder.encode_unique(ids, mask, valid)
+    assert rows == [2, 4]  # 2 distinct texts vs all 4 valid pairs
+    torch.testing.assert_close(every, deduplicated, atol=1e-5, rtol=0)
+    assert torch.equal(keys, every_keys)
+
+
 def test_encode_unique_with_nothing_valid_keeps_the_graph() -> None:
     encoder = TextEncoder(config=tiny_bert(), embed_dim=E)
     ids = torch.randint(1, 100, (2, 3, 4))
