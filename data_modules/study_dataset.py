@@ -30,7 +30,7 @@ from fvlm.crop import (
 )
 from fvlm.models.text import MINILM, load_tokenizer
 
-__all__ = ["CachedStudyDataset", "read_cache_manifest"]
+__all__ = ["CachedStudyDataset", "cache_hu_window", "read_cache_manifest"]
 
 _MANIFEST_COLUMNS = ("study_id", "split", "status")
 
@@ -46,6 +46,16 @@ def read_cache_manifest(cache_dir: str | Path) -> list[dict[str, str]]:
         if missing:
             raise ValueError(f"{path}: missing columns {missing} (has {reader.fieldnames})")
         return [dict(row) for row in reader]
+
+
+def cache_hu_window(cache_dir: str | Path) -> tuple[float, float] | None:
+    """The HU window the cache mapped to [0, 1] (from its first ``ok`` study; ``None``: none)."""
+    for row in read_cache_manifest(cache_dir):
+        if row["status"] == "ok":
+            meta = Path(cache_dir) / "studies" / row["study_id"] / "meta.json"
+            window = json.loads(meta.read_text()).get("hu_window")
+            return None if window is None else (float(window[0]), float(window[1]))
+    return None
 
 
 class CachedStudyDataset(Dataset):

@@ -17,9 +17,11 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from fvlm.data_modules.study_dataset import cache_hu_window
 from fvlm.lit_modules.schedule import warmup_cosine
 from fvlm.loss import AnatomyReduction, FineGrainedContrastiveLoss
 from fvlm.models import MINILM, FineGrainedCLIP, FineGrainedOutput, GlobalCLIP, VisionConfig
+from fvlm.models.intensity_windows import check_source_window
 
 __all__ = ["ContrastiveModule", "Network", "adamw", "load_checkpoint"]
 
@@ -108,6 +110,10 @@ class ContrastiveModule(LightningModule):
         """Tell the loss about the process group so features are gathered across ranks."""
         self.loss.rank = self.global_rank
         self.loss.world_size = self.trainer.world_size if self._trainer is not None else 1
+        cache_dir = getattr(getattr(self._trainer, "datamodule", None), "cache_dir", None)
+        if cache_dir is not None:
+            source = self.network.vision.config.source_hu_window
+            check_source_window(source, cache_hu_window(cache_dir), cache_dir)
 
     def contrastive_loss(
         self, out: FineGrainedOutput, soft_targets: tuple[torch.Tensor, torch.Tensor] | None = None

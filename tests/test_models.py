@@ -22,6 +22,7 @@ from fvlm.models import (
     text_keys,
     token_membership,
 )
+from fvlm.models.intensity_windows import IntensityWindows, check_source_window
 from fvlm.models.vision import inflate_patch_kernel, inflate_position_embedding
 
 A = 5  # anatomies in the tiny batches
@@ -249,6 +250,63 @@ def test_inflate_patch_kernel_resizes_in_plane_and_keeps_the_filter_sum() -> Non
     torch.testing.assert_close(summed.sum((1, 2, 3, 4)), kernel_2d.sum((1, 2, 3)))
     pos = inflate_position_embedding(torch.randn(1, 1 + 14 * 14, 8), (6, 16, 12))
     assert pos.shape == (1, 6 * 16 * 12, 8)
+
+
+def test_intensity_windows_map_cached_values_to_hu_windows() -> None:
+    windows = IntensityWindows([[-1000, 200], [-150, 250], [200, 1000]], source=[-1000, 1000])
+    # Cached [0, 1] over [-1000, 1000] HU: air, water, 150 HU (enhanced liver), 900 HU (stone).
+    cached = torch.tensor([0.0, 0.5, 0.575, 0.95]).view(1, 1, 4, 1, 1)
+    out = windows(cached).flatten(2)[0]
+    expected = torch.tensor(
+        [
+            [0.0, 1000 / 1200, 1150 / 1200, 1.0],  # lung window
+            [0.0, 150 / 400, 300 / 400, 1.0],  # soft tissue: 150 HU is 3/4 up the window
+            [0.0, 0.0, 0.0, 700 / 800],  # dense: only the stone is above 200 HU
+        ]
+    )
+    torch.testing.assert_close(out, expected)
+    assert windows(cached.half()).dtype == torch.float16
+
+
+@pytest.mark.parametrize(
+    ("windows", "source", "match"),
+    [
+        ([[200, 100]], [-1000, 1000], "low < high"),
+        ([[500, 900]], [-300, 400], "outside the cached window"),
+        ([], [-1000, 1000], "at least one"),
+        ([[0, 100]], [400, -300], "source HU window"),
+    ],
+)
+def test_intensity_windows_reject_bad_windows(windows, source, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        IntensityWindows(windows, source)
+
+
+def test_source_window_must_match_the_cache() -> None:
+    check_source_window((-1000, 1000), (-1000.0, 1000.0), "cache")
+    check_source_window(None, (-300, 400), "cache")  # single-channel model: nothing to check
+    with pytest.raises(ValueError, match="preprocessed with hu_window"):
+        check_source_window((-1000, 1000), (-1000, 400), "data/cache/x")
+
+
+def test_vision_with_hu_windows_takes_one_channel_per_window(tmp_path) -> None:
+    with pytest.raises(ValueError, match="source_hu_window"):
+        VisionConfig.vit_tiny(hu_windows=[[-150, 250]])
+    config = VisionConfig.vit_tiny(
+        hu_windows=[[-1000, 200], [-150, 250]], source_hu_window=[-1000, 1000]
+    )
+    model = VisionTransformer3D(config)
+    assert model.patch_embedding.patch_embeddings.weight.shape[1] == 2
+    assert model(torch.rand(2, 1, 16, 32, 32)).shape == (2, 64, 64)
+    # Inflating a 2D checkpoint splits the grey filter over the channels: a volume that looks the
+    # same in both windows gets the grey 2D response.
+    state = fake_2d_vit()
+    torch.save(state, tmp_path / "mae.pth")
+    load_2d_checkpoint(model, tmp_path / "mae.pth")
+    kernel = model.patch_embedding.patch_embeddings.weight
+    torch.testing.assert_close(kernel[:, 0], kernel[:, 1])
+    expected_sum = state["patch_embed.proj.weight"].mean(1).sum((-2, -1))
+    torch.testing.assert_close(kernel.sum((1, 2, 3, 4)), expected_sum)
 
 
 # ------------------------------------------------------------------------------------------------

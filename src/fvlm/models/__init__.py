@@ -6,6 +6,7 @@ Nothing here imports Lightning; ``fvlm.lit_modules`` wraps these classes for tra
 from fvlm.models.anatomy_pooling import AnatomyPooling, token_membership
 from fvlm.models.fine_grained_clip import FineGrainedCLIP, FineGrainedOutput, LogitScale
 from fvlm.models.global_clip import GlobalCLIP
+from fvlm.models.intensity_windows import IntensityWindows
 from fvlm.models.text import MINILM, TextEncoder, load_tokenizer, resolve_text_model, text_keys
 from fvlm.models.vision import (
     CheckpointReport,
@@ -21,6 +22,7 @@ __all__ = [
     "FineGrainedCLIP",
     "FineGrainedOutput",
     "GlobalCLIP",
+    "IntensityWindows",
     "LogitScale",
     "TextEncoder",
     "VisionConfig",

@@ -30,6 +30,8 @@ from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fvlm.models.intensity_windows import IntensityWindows, check_windows
+
 __all__ = [
     "CheckpointReport",
     "VisionConfig",
@@ -85,6 +87,11 @@ class VisionConfig:
         checkpoint_activations: Recompute each block in the backward pass (saves memory at the
             cost of about one extra forward); only active in training mode.
         init_from: Optional local 2D ViT/MAE checkpoint to inflate at construction.
+        hu_windows: Optional HU windows ``[[low, high], ...]``, one input channel each
+            (:class:`~fvlm.models.intensity_windows.IntensityWindows`); ``None`` feeds the cached
+            intensities as one channel (the paper).
+        source_hu_window: The HU window the cache maps to [0, 1] (preprocessing ``hu_window``);
+            required with ``hu_windows``.
     """
 
     img_size: Triple = (96, 256, 384)
@@ -97,6 +104,8 @@ class VisionConfig:
     qkv_bias: bool = True
     checkpoint_activations: bool = False
     init_from: str | None = field(default=None)
+    hu_windows: list[tuple[float, float]] | None = None
+    source_hu_window: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         # YAML gives lists; keep tuples so configs compare and hash predictably.
@@ -116,6 +125,22 @@ class VisionConfig:
             raise ValueError("hidden_size, mlp_dim, num_layers and num_heads must be positive")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.hu_windows is not None:
+            if self.source_hu_window is None:
+                raise ValueError(
+                    "hu_windows needs source_hu_window, the HU range the cache maps to [0, 1] "
+                    "(the preprocessing hu_window)"
+                )
+            self.source_hu_window = (
+                float(self.source_hu_window[0]),
+                float(self.source_hu_window[1]),
+            )
+            self.hu_windows = check_windows(self.hu_windows, self.source_hu_window)
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels of the patch embedding: one per HU window, else 1."""
+        return len(self.hu_windows) if self.hu_windows else 1
 
     @classmethod
     def preset(cls, name: VisionPreset, **overrides: object) -> VisionConfig:
@@ -176,8 +201,13 @@ class VisionTransformer3D(nn.Module):
         """
         super().__init__()
         self.config = config = config or VisionConfig()
+        self.windows = (
+            IntensityWindows(config.hu_windows, config.source_hu_window)
+            if config.hu_windows and config.source_hu_window
+            else None
+        )
         self.patch_embedding = PatchEmbeddingBlock(
-            in_channels=1,
+            in_channels=config.in_channels,
             img_size=config.img_size,
             patch_size=config.patch_size,
             hidden_size=config.hidden_size,
@@ -259,6 +289,8 @@ class VisionTransformer3D(nn.Module):
         if image.ndim != 5 or image.shape[1] != 1:
             raise ValueError(f"image must be (B, 1, D, H, W), got {tuple(image.shape)}")
         grid = grid_of(tuple(image.shape[2:]), self.patch_size)
+        if self.windows is not None:
+            image = self.windows(image)
         embed = self.patch_embedding
         x = embed.patch_embeddings(image).flatten(2).transpose(1, 2)
         x = embed.dropout(x + self.position_embeddings(grid))
@@ -429,7 +461,11 @@ def load_2d_checkpoint(
     new: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key == "patch_embed.proj.weight":
-            target, value = _PATCH_KERNEL, inflate_patch_kernel(value, model.patch_size, rgb)
+            kernel = inflate_patch_kernel(value, model.patch_size, rgb)
+            # K windows of one grey volume: each channel gets the grey filter / K, so a volume
+            # that looks the same in every window still gets the pretrained response.
+            channels = model.config.in_channels
+            target, value = _PATCH_KERNEL, kernel.repeat(1, channels, 1, 1, 1) / channels
         elif key == "pos_embed":
             target, value = _POSITION, inflate_position_embedding(value, model.grid_size)
         else:
