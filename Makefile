@@ -16,10 +16,10 @@ PREPROCESS_CONFIG ?= configs/preprocess/phantom.yaml
 WORKERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-slow lint format phantom preprocess train-demo eval-demo demo bench eval-ctrate clean
+.PHONY: help venv test test-slow lint format phantom preprocess train-demo eval-demo demo bench eval-ctrate eval-radchestct clean
 
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,10 @@ demo: ## Install, make phantom data, preprocess, train fVLM + CLIP, evaluate, pr
 eval-ctrate: $(STAMP) ## CT-RATE zero-shot evaluation: make eval-ctrate CTRATE=<dir> CKPT=<ckpt>
 	@test -n "$(CTRATE)" -a -n "$(CKPT)" || { echo "usage: make eval-ctrate CTRATE=<CT-RATE dir> CKPT=<checkpoint>"; exit 2; }
 	$(BIN)/fvlm eval-ctrate --root $(CTRATE) --ckpt $(CKPT) --cache $(or $(CTRATE_CACHE),data/cache/ctrate) --out runs/eval-ctrate
+
+eval-radchestct: $(STAMP) ## Rad-ChestCT external evaluation: make eval-radchestct RADCHESTCT=<dir> CKPT=<ckpt>
+	@test -n "$(RADCHESTCT)" -a -n "$(CKPT)" || { echo "usage: make eval-radchestct RADCHESTCT=<Rad-ChestCT dir> CKPT=<checkpoint>"; exit 2; }
+	$(BIN)/fvlm eval-radchestct --root $(RADCHESTCT) --ckpt $(CKPT) --cache $(or $(RADCHESTCT_CACHE),data/cache/radchestct) --out runs/eval-radchestct
 
 bench: $(STAMP) ## Benchmarks: preprocessing vs naive, fine-grained vs CLIP step, loader vs step
 	$(BIN)/python benchmarks/bench_preprocess.py

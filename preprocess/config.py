@@ -49,6 +49,9 @@ class PreprocessConfig:
             prompts on an OpenAI-compatible server, falling back to the rules per prompt).
         llm: LLM server settings, used when ``decomposer`` is ``llm``. Its answer cache defaults to
             ``<cache>/llm_answers``.
+        require_report: Fail studies whose findings and impression are both empty. ``false``
+            for test sets published without reports (Rad-ChestCT): their anatomies get the
+            table's default texts, which zero-shot evaluation never reads.
         workers: Parallel worker processes (1 = all in this process). With ``totalsegmentator``
             on a GPU each worker loads its own model: a few workers per GPU at most.
         progress: Show a progress bar on stderr.
@@ -67,6 +70,7 @@ class PreprocessConfig:
     rescale: Literal["auto", "always", "never"] = "auto"
     decomposer: Literal["rules", "llm"] = "rules"
     llm: LLMConfig = field(default_factory=LLMConfig)
+    require_report: bool = True
     workers: int = 2
     progress: bool = True
     force: bool = False

@@ -1,6 +1,9 @@
 """The study manifest: one CSV row per study, file paths relative to the manifest's folder.
 
-Columns: ``study_id, image, findings, impression[, mask][, split]``.
+Columns: ``study_id, image, findings, impression[, mask][, split][, npz_spacing]``. ``image`` is a
+NIfTI file or a header-less ``.npz`` array (the Rad-ChestCT release); ``npz_spacing`` is the
+isotropic voxel size (mm) of an ``.npz`` volume (default 0.8; NIfTI volumes take theirs from the
+header).
 
 A malformed row must cost only its own study, so rows are parsed one at a time and a bad row comes
 back as a :class:`ManifestRow` with ``error`` set (the runner lists it as failed) instead of an
@@ -24,6 +27,7 @@ __all__ = ["REQUIRED_COLUMNS", "Manifest", "ManifestError", "ManifestRow", "read
 REQUIRED_COLUMNS = ("study_id", "image", "findings", "impression")
 _SLOPE = ("rescale_slope", "RescaleSlope")
 _INTERCEPT = ("rescale_intercept", "RescaleIntercept")
+_NPZ_SPACING = ("npz_spacing",)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -44,6 +48,7 @@ class ManifestRow:
     split: str = ""
     rescale_slope: float | None = None
     rescale_intercept: float | None = None
+    npz_spacing: float | None = None
     error: str | None = None
 
 
@@ -102,8 +107,13 @@ def _row(line: int, header: list[str], fields: list[str], folder: Path) -> Manif
         return ManifestRow(line, study_id, error=f"line {line}: empty image path")
     try:
         slope, intercept = _number(record, _SLOPE), _number(record, _INTERCEPT)
+        npz_spacing = _number(record, _NPZ_SPACING)
     except ValueError as err:
         return ManifestRow(line, study_id, error=f"line {line}: {err}")
+    if npz_spacing is not None and npz_spacing <= 0:
+        return ManifestRow(
+            line, study_id, error=f"line {line}: npz_spacing must be > 0 mm, got {npz_spacing}"
+        )
     return ManifestRow(
         line=line,
         study_id=study_id,
@@ -114,6 +124,7 @@ def _row(line: int, header: list[str], fields: list[str], folder: Path) -> Manif
         split=record.get("split", "").strip(),
         rescale_slope=slope,
         rescale_intercept=intercept,
+        npz_spacing=npz_spacing,
     )
 
 

@@ -1,10 +1,11 @@
 """The ``make preprocess`` pipeline: manifest -> per-study cache, in parallel, resumable.
 
-Per study (DESIGN "Preprocessing and the cache"): load the NIfTI, apply an external rescale only if
-the data are not HU yet, take the TotalSegmentator label map (precomputed or run here) and group it
-into the table's anatomies on the source grid, canonicalise image and anatomy map together,
-resample (trilinear / nearest) on one grid, window HU, decompose the report, write the study
-atomically. A study is skipped when its input hashes and the settings' hash match its ``meta.json``.
+Per study (DESIGN "Preprocessing and the cache"): load the volume (NIfTI, or ``.npz`` as the
+Rad-ChestCT release stores it), apply an external rescale only if the data are not HU yet, take the
+TotalSegmentator label map (precomputed or run here) and group it into the table's anatomies on the
+source grid, canonicalise image and anatomy map together, resample (trilinear / nearest) on one
+grid, window HU, decompose the report, write the study atomically. A study is skipped when its
+input hashes and the settings' hash match its ``meta.json``.
 
 A failure costs only its study: it is listed as failed with a one-line reason naming the file, its
 stale output (if any) is removed, and the run goes on; the exit code is 1 if anything failed.
@@ -44,7 +45,7 @@ from .segmentation import (
     load_mask,
     run_totalsegmentator,
 )
-from .volume import Volume, canonicalise, load_nifti, resample, window_hu
+from .volume import Volume, canonicalise, load_volume, resample, window_hu
 
 __all__ = ["RunSummary", "StudyProcessor", "StudyResult", "run_preprocess"]
 
@@ -111,6 +112,8 @@ class StudyProcessor:
             "report_sha256": text_fingerprint(row.findings, row.impression),
             "rescale": [row.rescale_slope, row.rescale_intercept],
         }
+        if row.npz_spacing is not None:  # the geometry of a header-less volume is an input too
+            inputs["npz_spacing"] = row.npz_spacing
         if self.config.segmenter == "precomputed" and row.mask is not None:
             inputs["mask"] = {"path": self._relative(row.mask)} | file_fingerprint(
                 row.mask, before.get("mask")
@@ -124,6 +127,7 @@ class StudyProcessor:
             *(f.get("sha256") for f in files),
             inputs.get("report_sha256"),
             tuple(inputs.get("rescale") or ()),
+            inputs.get("npz_spacing"),
         )
 
     def quick_unchanged(self, row: ManifestRow) -> bool:
@@ -151,9 +155,9 @@ class StudyProcessor:
                     return False
         except OSError:
             return False
-        return before.get("report_sha256") == text_fingerprint(
-            row.findings, row.impression
-        ) and before.get("rescale") == [row.rescale_slope, row.rescale_intercept]
+        same_report = before.get("report_sha256") == text_fingerprint(row.findings, row.impression)
+        same_rescale = before.get("rescale") == [row.rescale_slope, row.rescale_intercept]
+        return same_report and same_rescale and before.get("npz_spacing") == row.npz_spacing
 
     # -- one study -------------------------------------------------------------------------------
 
@@ -165,7 +169,7 @@ class StudyProcessor:
         try:
             if row.error is not None:
                 raise _StudyError(row.error)
-            if not row.findings and not row.impression:
+            if self.config.require_report and not row.findings and not row.impression:
                 raise _StudyError("empty report (findings and impression are both empty)")
             if self.config.segmenter == "precomputed" and row.mask is None:
                 raise _StudyError("no mask given (segmenter 'precomputed' needs the mask column)")
@@ -208,7 +212,7 @@ class StudyProcessor:
         """The four cache files of one study (image, anatomy, meta, report) + its decomposition."""
         config = self.config
         with _stage(f"image {self._relative(row.image)}"):
-            loaded = load_nifti(row.image)
+            loaded = load_volume(row.image, row.npz_spacing)
             decision = decide_rescale(
                 loaded.volume.data, row.rescale_slope, row.rescale_intercept, config.rescale
             )

@@ -1,4 +1,4 @@
-"""CT volumes on the paper's grid: load NIfTI, canonicalise axes, resample, window HU (paper A.2).
+"""CT volumes on the paper's grid: load NIfTI/npz, canonicalise axes, resample, window HU (A.2).
 
 The paper reformats every scan so that axis 0 runs inferior->superior, axis 1 posterior->anterior
 and axis 2 left->right (nibabel axis codes ``("S", "A", "R")``), resamples to 5 mm slices with 1 x 1
@@ -15,10 +15,18 @@ needs no library.
 The output grid keeps the field of view: along an axis with ``n`` input voxels of size ``s`` the
 output has ``round(n * s / t)`` voxels of size ``t``, the first output voxel starting where the
 first input voxel starts. Samples beyond the last input voxel centre repeat the edge value.
+
+Header-less ``.npz`` volumes are read in the layout of the Rad-ChestCT release (Draelos et al.
+2021), the one public CT set stored that way: array ``ct`` in HU, axes (inferior, posterior, left)
+(nibabel codes ``("I", "P", "L")``), isotropic voxels whose size the caller supplies (0.8 mm in the
+release). The geometry is an assumption from third-party checks; see
+:mod:`fvlm.evaluation.radchestct`. With an affine attached they go through the same steps as NIfTI.
 """
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,10 +37,16 @@ from nibabel import orientations
 
 __all__ = [
     "CANONICAL_AXCODES",
+    "NPZ_AXCODES",
+    "NPZ_KEY",
+    "NPZ_SPACING_MM",
     "NiftiVolume",
     "Volume",
     "canonicalise",
     "load_nifti",
+    "load_npz",
+    "load_volume",
+    "npz_affine",
     "resample",
     "resample_grid",
     "voxel_sizes",
@@ -40,6 +54,9 @@ __all__ = [
 ]
 
 CANONICAL_AXCODES: tuple[str, str, str] = ("S", "A", "R")
+NPZ_AXCODES: tuple[str, str, str] = ("I", "P", "L")
+NPZ_KEY = "ct"
+NPZ_SPACING_MM = 0.8
 Interpolation = Literal["linear", "nearest"]
 
 
@@ -67,10 +84,11 @@ class Volume:
 
 @dataclass(frozen=True)
 class NiftiVolume:
-    """A loaded NIfTI volume plus what the file said about its own intensity scaling.
+    """A loaded volume plus what the file said about its own intensity scaling.
 
     ``scl_slope``/``scl_inter`` are part of the NIfTI encoding and are always applied (as nibabel
-    does); they are recorded because a second, external rescale must not repeat them.
+    does); they are recorded because a second, external rescale must not repeat them. An ``.npz``
+    volume has no such scaling (1 and 0).
     """
 
     volume: Volume
@@ -118,6 +136,70 @@ def load_nifti(path: str | Path) -> NiftiVolume:
     else:
         data = raw
     return NiftiVolume(Volume(data, image.affine.astype(np.float64)), slope, inter, str(raw.dtype))
+
+
+def npz_affine(spacing: float = NPZ_SPACING_MM) -> np.ndarray:
+    """Voxel -> RAS+ mm affine of an ``.npz`` array with axes (inferior, posterior, left)."""
+    if not spacing > 0:
+        raise ValueError(f"npz spacing must be a positive number of mm, got {spacing!r}")
+    s = float(spacing)
+    return np.array(
+        [[0.0, 0.0, -s, 0.0], [0.0, -s, 0.0, 0.0], [-s, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+    )
+
+
+def load_npz(path: str | Path, spacing: float | None = None) -> NiftiVolume:
+    """Read an ``.npz`` volume (array ``ct`` in HU, axes I, P, L) with :func:`npz_affine`.
+
+    Integer voxels stay integer (int16 when they fit, as HU always do); floats become float32.
+
+    Raises:
+        ValueError: The file is not a readable ``.npz`` archive, lacks the ``ct`` array, or the
+            array is not a finite 3D numeric volume; the message names the file.
+        FileNotFoundError: The file does not exist.
+    """
+    path = Path(path)
+    affine = npz_affine(NPZ_SPACING_MM if spacing is None else spacing)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("a plain .npy array, not an npz archive")
+        with loaded as archive:
+            names = list(archive.files)
+            raw = np.asarray(archive[NPZ_KEY]) if NPZ_KEY in names else None
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as err:
+        reason = f"{type(err).__name__}: {err}"
+        raise ValueError(f"{path}: not a readable npz archive ({reason})") from err
+    if raw is None:
+        raise ValueError(f"{path}: no array {NPZ_KEY!r} in the npz archive (has: {names})")
+    if raw.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D array {NPZ_KEY!r}, got shape {raw.shape}")
+    if raw.dtype.kind in "iu":
+        low, high = (int(raw.min()), int(raw.max())) if raw.size else (0, 0)
+        fits = np.iinfo(np.int16).min <= low and high <= np.iinfo(np.int16).max
+        data = raw.astype(np.int16 if fits else np.int32, copy=False)
+    elif raw.dtype.kind == "f":
+        data = raw.astype(np.float32, copy=False)
+        if not np.isfinite(data).all():
+            raise ValueError(f"{path}: array {NPZ_KEY!r} holds NaN or infinite values")
+    else:
+        raise ValueError(f"{path}: array {NPZ_KEY!r} has non-numeric dtype {raw.dtype}")
+    return NiftiVolume(Volume(data, affine), 1.0, 0.0, str(raw.dtype))
+
+
+def load_volume(path: str | Path, npz_spacing: float | None = None) -> NiftiVolume:
+    """Read a CT volume by its suffix: ``.npz`` with :func:`load_npz`, else NIfTI.
+
+    Args:
+        path: ``.nii``/``.nii.gz`` (geometry from the header) or ``.npz`` (see :func:`load_npz`).
+        npz_spacing: isotropic voxel size (mm) of an ``.npz`` volume (default 0.8); NIfTI
+            volumes ignore it, their header is the authority.
+    """
+    if Path(path).suffix.lower() == ".npz":
+        return load_npz(path, npz_spacing)
+    return load_nifti(path)
 
 
 def canonicalise(volume: Volume) -> tuple[Volume, dict]:

@@ -5,49 +5,12 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-import torch
-import yaml
-from lightning.pytorch import Trainer
-from torch.utils.data import DataLoader
+from eval_fixtures import chest_preprocess_config, tiny_checkpoint
 
 from fvlm.anatomy import load_anatomy_table
 from fvlm.cli import main as fvlm_main
 from fvlm.evaluation.ctrate import CTRATE_LABELS, write_ctrate_like
-from fvlm.lit_modules import FineGrainedCLIPModule
-from fvlm.models import VisionConfig
 from fvlm.phantom import generate_phantom
-
-VISION = VisionConfig.vit_tiny(img_size=(8, 16, 16), patch_size=(8, 16, 16), hidden_size=16)
-TEXT = {
-    "vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-    "intermediate_size": 32, "max_position_embeddings": 128,
-}  # fmt: skip
-
-
-def tiny_checkpoint(path, num_anatomies: int):
-    """A chest-table checkpoint after one optimisation step (weights are not the point here)."""
-    module = FineGrainedCLIPModule(
-        num_anatomies=num_anatomies, vision=VISION, text_config=TEXT, embed_dim=8
-    )
-    b, a = 2, num_anatomies
-    anatomy = torch.zeros(b, 8, 16, 16, dtype=torch.uint8)
-    anatomy[:, :, :8] = 1
-    anatomy[:, :, 8:] = 2
-    batch = {
-        "image": torch.rand(b, 1, 8, 16, 16),
-        "anatomy": anatomy,
-        "valid": torch.ones(b, a, dtype=torch.bool),
-        "normal": torch.zeros(b, a, dtype=torch.bool),
-        "text_input_ids": torch.randint(5, 100, (b, a, 4)),
-        "text_attention_mask": torch.ones(b, a, 4, dtype=torch.long),
-    }
-    trainer = Trainer(
-        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-    trainer.fit(module, DataLoader([batch], batch_size=None))
-    trainer.save_checkpoint(path)
-    return path
 
 
 def test_eval_ctrate_scores_all_18_labels_without_double_rescale(tmp_path):
@@ -56,11 +19,7 @@ def test_eval_ctrate_scores_all_18_labels_without_double_rescale(tmp_path):
                      splits=(0.0, 0.0, 1.0), progress=False)  # fmt: skip
     ctrate = tmp_path / "ctrate"
     write_ctrate_like(phantom, ctrate)
-    config = tmp_path / "chest_small.yaml"
-    config.write_text(yaml.safe_dump({
-        "spacing": [12.0, 9.0, 9.0], "hu_window": [-1000.0, 1000.0], "anatomy_table": "chest",
-        "segmenter": "precomputed", "rescale": "auto", "decomposer": "rules", "workers": 1,
-    }))  # fmt: skip
+    config = chest_preprocess_config(tmp_path / "chest_small.yaml")
     table = load_anatomy_table("chest")
     ckpt = tiny_checkpoint(tmp_path / "chest.ckpt", len(table))
     out = tmp_path / "eval"

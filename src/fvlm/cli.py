@@ -1,8 +1,9 @@
 """The ``fvlm`` command: data subcommands plus the LightningCLI (``fit``, ``validate``, ...).
 
-``fvlm phantom``/``fvlm preprocess``/``fvlm evaluate`` dispatch to their own parsers; everything
-else goes to LightningCLI, which is also installed as the ``lightning`` console script so that
-``lightning fit --config configs/fvlm.yaml`` works (Lightning itself ships no such script).
+``fvlm phantom``/``preprocess``/``evaluate``/``eval-ctrate``/``eval-radchestct`` dispatch to their
+own parsers; everything else goes to LightningCLI, which is also installed as the ``lightning``
+console script so that ``lightning fit --config configs/fvlm.yaml`` works (Lightning itself ships
+no such script).
 """
 
 from __future__ import annotations
@@ -16,14 +17,21 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("fvlm.preprocess.cli", "Build the preprocessing cache from a manifest."),
     "evaluate": ("fvlm.lit_modules.evaluate", "Zero-shot evaluation of checkpoints."),
     "eval-ctrate": ("fvlm.lit_modules.evaluate:ctrate_main", "CT-RATE zero-shot evaluation."),
+    "eval-radchestct": (
+        "fvlm.lit_modules.evaluate:radchestct_main",
+        "Rad-ChestCT external zero-shot evaluation (CT-RATE's labels).",
+    ),
 }
 _LIGHTNING = ("fit", "validate", "test", "predict")
 
 
 def _usage() -> str:
     lines = ["usage: fvlm <command> [options]", "", "commands:"]
-    lines += [f"  {name:<11} {doc}" for name, (_, doc) in _SUBCOMMANDS.items()]
-    lines += [f"  {name:<11} LightningCLI {name} (see `fvlm {name} --help`)" for name in _LIGHTNING]
+    width = max(map(len, [*_SUBCOMMANDS, *_LIGHTNING]))
+    lines += [f"  {name:<{width}} {doc}" for name, (_, doc) in _SUBCOMMANDS.items()]
+    lines += [
+        f"  {name:<{width}} LightningCLI {name} (see `fvlm {name} --help`)" for name in _LIGHTNING
+    ]
     return "\n".join(lines)
 
 

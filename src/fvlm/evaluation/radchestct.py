@@ -11,7 +11,12 @@ What we rely on, and what we assume where the public record is silent (check aga
   posterior, axis 2 right -> left (nibabel axis codes ``("I", "P", "L")``). A per-study spacing is
   read from a ``final_spacing`` column of ``CT_Scan_Metadata_Complete_35747.csv`` when that file
   exists, else ``spacing`` (default 0.8) is used. :func:`radchestct_affine` encodes this so the
-  preprocessor can reorient like any NIfTI (:func:`load_radchestct_volume`).
+  preprocessor reorients ``.npz`` volumes like any NIfTI: it reads them itself
+  (:func:`fvlm.preprocess.volume.load_npz`), taking the spacing from the manifest's
+  ``npz_spacing`` column.
+* Masks: TotalSegmentator maps are not part of the release; precomputed ones (``mask_dir``,
+  ``<NoteAcc_DEID>.nii.gz`` on the volume's grid, i.e. with :func:`radchestct_affine`) spare
+  running it.
 * Labels: ``img{train,valid,test}_Abnormality_and_Location_Labels.csv`` with ``NoteAcc_DEID`` and
   one 0/1 column per ``<abnormality>*<location>`` pair (e.g. ``nodule*left_lung``). A study has an
   abnormality when any of its location columns is 1. Columns are matched on the exact abnormality
@@ -42,6 +47,7 @@ import pandas as pd
 
 from fvlm.anatomy import AnatomyTable
 from fvlm.evaluation.ctrate import ctrate_label_map
+from fvlm.preprocess.volume import NPZ_SPACING_MM, load_npz, npz_affine
 
 __all__ = [
     "RADCHESTCT_CALCIFICATION_MERGE",
@@ -55,7 +61,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RADCHESTCT_SPACING_MM = 0.8
+RADCHESTCT_SPACING_MM = NPZ_SPACING_MM
 _LABEL_FILES = {
     "train": "imgtrain_Abnormality_and_Location_Labels.csv",
     "valid": "imgvalid_Abnormality_and_Location_Labels.csv",
@@ -109,10 +115,7 @@ RADCHESTCT_CALCIFICATION_MERGE: dict[str, tuple[str, ...]] = {
 
 def radchestct_affine(spacing: float = RADCHESTCT_SPACING_MM) -> np.ndarray:
     """Voxel -> RAS+ mm affine of a Rad-ChestCT array with axes (inferior, posterior, left)."""
-    s = float(spacing)
-    return np.array(
-        [[0.0, 0.0, -s, 0.0], [0.0, -s, 0.0, 0.0], [-s, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
-    )
+    return npz_affine(spacing)
 
 
 def load_radchestct_volume(
@@ -120,14 +123,17 @@ def load_radchestct_volume(
 ) -> nib.Nifti1Image:
     """A Rad-ChestCT volume as a NIfTI image in HU, with :func:`radchestct_affine` for ``.npz``.
 
-    NIfTI files are returned as stored (their header is trusted).
+    For converting the release (e.g. to run TotalSegmentator on it); the preprocessor reads the
+    ``.npz`` files directly. NIfTI files are returned as stored (their header is trusted).
+
+    Raises:
+        ValueError: a corrupt ``.npz`` file, named in the message (see
+            :func:`fvlm.preprocess.volume.load_npz`).
     """
     path = Path(path)
     if path.suffix == ".npz":
-        with np.load(path) as data:
-            key = "ct" if "ct" in data.files else data.files[0]
-            array = np.asarray(data[key])
-        return nib.Nifti1Image(array.astype(np.int16), radchestct_affine(spacing))
+        volume = load_npz(path, spacing).volume
+        return nib.Nifti1Image(volume.data, volume.affine)
     return nib.load(path)  # type: ignore[return-value]
 
 
@@ -135,10 +141,14 @@ def _abnormality(column: str) -> str:
     return column.split("*", 1)[0].strip().lower()
 
 
-def _volume_index(folder: Path) -> dict[str, Path]:
+def _volume_index(folder: Path, exclude: Path | None = None) -> dict[str, Path]:
+    """Study id -> volume file under ``folder``; files under ``exclude`` (the masks) are not."""
+    skip = exclude.resolve() if exclude is not None else None
     index: dict[str, Path] = {}
     for pattern in ("*.npz", "*.nii.gz", "*.nii"):
         for path in sorted(folder.rglob(pattern)):
+            if skip is not None and path.resolve().is_relative_to(skip):
+                continue
             stem = path.name.removesuffix(".gz").removesuffix(".nii").removesuffix(".npz")
             index.setdefault(stem, path)
     return index
@@ -159,6 +169,7 @@ def radchestct_manifest(
     volume_dir: str | Path | None = None,
     spacing: float = RADCHESTCT_SPACING_MM,
     missing: Literal["drop", "keep", "error"] = "drop",
+    mask_dir: str | Path | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Manifest and CT-RATE-keyed labels of Rad-ChestCT.
 
@@ -172,12 +183,17 @@ def radchestct_manifest(
         volume_dir: where the ``.npz``/NIfTI volumes are (default ``root``).
         spacing: isotropic spacing used when the metadata CSV gives none.
         missing: studies whose volume is absent: ``"drop"`` (with a warning), ``"keep"``, raise.
+        mask_dir: optional folder of precomputed TotalSegmentator maps ``<NoteAcc_DEID>.nii.gz``;
+            adds a ``mask`` column (empty where no file exists). Its files are never taken for
+            volumes, even when it lies under ``root``.
 
     Returns:
         ``(manifest, labels)`` like :func:`fvlm.evaluation.ctrate.ctrate_manifest`: manifest
         columns ``study_id, image, findings, impression, split, rescale_slope (1),
-        rescale_intercept (0), xy_spacing, z_spacing``; labels ``study_id`` + disease keys, NaN for
-        diseases without a Rad-ChestCT counterpart.
+        rescale_intercept (0), xy_spacing, z_spacing, npz_spacing`` (the preprocessor's voxel
+        size of ``.npz`` volumes; empty for NIfTI) [, ``mask``]; labels ``study_id`` + disease
+        keys, NaN for diseases without a Rad-ChestCT counterpart (listed in
+        ``labels.attrs["unmapped"]``).
     """
     if missing not in ("drop", "keep", "error"):
         raise ValueError(f"missing must be 'drop', 'keep' or 'error', got {missing!r}")
@@ -224,7 +240,8 @@ def radchestct_manifest(
         log.warning("Rad-ChestCT abnormalities named in the label map but absent: %s", unknown)
 
     spacing_of = _spacings(root)
-    volumes = _volume_index(Path(volume_dir) if volume_dir is not None else root)
+    masks = Path(mask_dir) if mask_dir is not None else None
+    volumes = _volume_index(Path(volume_dir) if volume_dir is not None else root, masks)
     rows, absent = [], []
     for study, study_split in zip(labels["study_id"], raw["_split"], strict=True):
         image = volumes.get(study)
@@ -235,19 +252,22 @@ def radchestct_manifest(
             if missing == "drop":
                 continue
         s = spacing_of.get(study, spacing)
-        rows.append(
-            {
-                "study_id": study,
-                "image": str(image.resolve()) if image is not None else "",
-                "findings": "",
-                "impression": "",
-                "split": study_split,
-                "rescale_slope": 1.0,
-                "rescale_intercept": 0.0,
-                "xy_spacing": (s, s),
-                "z_spacing": s,
-            }
-        )
+        row = {
+            "study_id": study,
+            "image": str(image.resolve()) if image is not None else "",
+            "findings": "",
+            "impression": "",
+            "split": study_split,
+            "rescale_slope": 1.0,
+            "rescale_intercept": 0.0,
+            "xy_spacing": (s, s),
+            "z_spacing": s,
+            "npz_spacing": s if image is not None and image.suffix == ".npz" else np.nan,
+        }
+        if masks is not None:
+            mask = masks / f"{study}.nii.gz"
+            row["mask"] = str(mask.resolve()) if mask.is_file() else ""
+        rows.append(row)
     if absent and missing == "drop":
         log.warning("Rad-ChestCT: %d labelled studies without a volume, left out", len(absent))
     manifest = pd.DataFrame(
@@ -262,6 +282,8 @@ def radchestct_manifest(
             "rescale_intercept",
             "xy_spacing",
             "z_spacing",
+            "npz_spacing",
+            *(["mask"] if masks is not None else []),
         ],
     )
     labels = labels.set_index("study_id").loc[manifest["study_id"]].reset_index()
