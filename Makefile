@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 DATA ?= data/phantom
 MANIFEST ?= $(DATA)/manifest.csv
 CACHE ?= data/cache/phantom
-N_STUDIES ?= 240
+N_STUDIES ?= 400
 PREPROCESS_CONFIG ?= configs/preprocess/phantom.yaml
 WORKERS ?= 1
 

@@ -24,7 +24,11 @@ from tqdm import tqdm
 
 from fvlm.anatomy import AnatomyTable, load_anatomy_table
 from fvlm.data_modules.collate import collate_studies
-from fvlm.data_modules.study_dataset import CachedStudyDataset, read_cache_manifest
+from fvlm.data_modules.study_dataset import (
+    CachedStudyDataset,
+    cache_hu_window,
+    read_cache_manifest,
+)
 from fvlm.evaluation import (
     RADCHESTCT_CALCIFICATION_MERGE,
     comparison_table,
@@ -41,6 +45,7 @@ from fvlm.evaluation import (
 from fvlm.evaluation.radchestct import RADCHESTCT_SPACING_MM
 from fvlm.lit_modules.contrastive import ContrastiveModule, load_checkpoint
 from fvlm.models import GlobalCLIP, load_tokenizer
+from fvlm.models.intensity_windows import check_source_window
 
 __all__ = [
     "ctrate_main",
@@ -78,6 +83,8 @@ def embed_studies(
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Embeddings ``(S, A, E)`` (``(S, 1, E)`` for CLIP), presence ``(S, A)`` and study ids."""
     network = module.network.eval()
+    source = network.vision.config.source_hu_window
+    check_source_window(source, cache_hu_window(cache_dir), cache_dir)
     crop = whole_volume_crop(cache_dir, split, network.vision.patch_size)
     dataset = CachedStudyDataset(
         cache_dir, split, table, crop, train=False, tokenizer=module.hparams.text_model
