@@ -34,6 +34,7 @@ def test_reduced_demo_fvlm_beats_clip(tmp_path, monkeypatch):
     fvlm = pd.read_csv("eval/fVLM/fVLM_per_disease.csv", index_col=0)
     clip = pd.read_csv("eval/CLIP/CLIP_per_disease.csv", index_col=0)
     assert len(fvlm) == 16  # 15 phantom diseases + macro
-    # Measured 2026-11-24: full demo fVLM 0.69 vs CLIP 0.53 (the 0.85 target is not met yet).
-    assert fvlm.loc["macro", "auroc"] >= 0.6
-    assert fvlm.loc["macro", "auroc"] >= clip.loc["macro", "auroc"] + 0.05
+    # Measured 2026-11-24 (2 CPU cores): this reduced run fVLM 0.76 vs CLIP 0.44 in 118 s; the
+    # full `make demo` (400 studies, 25 epochs) fVLM 0.869 vs CLIP 0.555.
+    assert fvlm.loc["macro", "auroc"] >= 0.70
+    assert fvlm.loc["macro", "auroc"] >= clip.loc["macro", "auroc"] + 0.15
