@@ -40,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
 
-#: The demo's vision tower (configs/demo.yaml) on its crop; the cache volumes are a little larger,
-#: so crops move and some anatomies fall outside, as on real scans.
+#: The demo's vision tower shape (configs/demo.yaml, whose three HU-window input channels only widen
+#: the patch embedding) on a smaller crop; the cache volumes are a little larger, so crops move and
+#: some anatomies fall outside, as on real scans.
 VISION = {
     "img_size": (16, 48, 48),
     "patch_size": (4, 8, 8),
