@@ -144,6 +144,22 @@ def test_cli_fit_fast_dev_run(
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
 
 
+def test_fit_refuses_hu_windows_over_another_cache_window(
+    cache: Path, tmp_path: Path, tiny_text: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["fvlm"])
+    config = write_config(tmp_path, cache, tiny_text, "FineGrainedCLIPModule")
+    windows = ["--model.init_args.vision.hu_windows=[[-150, 250]]"]
+    # The test cache is windowed over [-300, 400] HU.
+    with pytest.raises(ValueError, match=r"preprocessed with hu_window \(-300.0, 400.0\)"):
+        run_cli(["fit", "--config", str(config), "--trainer.fast_dev_run=1", *windows,
+                 "--model.init_args.vision.source_hu_window=[-1000, 1000]"])  # fmt: skip
+    cli = run_cli(["fit", "--config", str(config), "--trainer.fast_dev_run=1", *windows,
+                   "--model.init_args.vision.source_hu_window=[-300, 400]"])  # fmt: skip
+    assert cli.model.network.vision.patch_embedding.patch_embeddings.weight.shape[1] == 1
+    assert cli.trainer.global_step == 1
+
+
 def test_fvlm_fit_help_lists_model_and_data(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         fvlm_main(["fit", "--help"])

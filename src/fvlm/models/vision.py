@@ -201,9 +201,10 @@ class VisionTransformer3D(nn.Module):
         """
         super().__init__()
         self.config = config = config or VisionConfig()
+        # VisionConfig guarantees source_hu_window whenever hu_windows is set.
         self.windows = (
-            IntensityWindows(config.hu_windows, config.source_hu_window)
-            if config.hu_windows and config.source_hu_window
+            IntensityWindows(config.hu_windows, config.source_hu_window)  # type: ignore[arg-type]
+            if config.hu_windows
             else None
         )
         self.patch_embedding = PatchEmbeddingBlock(
