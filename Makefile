@@ -46,7 +46,7 @@ test-slow: $(STAMP) ## Run the slow end-to-end tests too
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 phantom: $(STAMP) ## Generate the synthetic CT phantom in $(DATA)
-	$(BIN)/fvlm phantom --out $(DATA) --n-studies $(N_STUDIES) --seed 0 --splits 0.6 0.1 0.3
+	$(BIN)/fvlm phantom --out_dir $(DATA) --n_studies $(N_STUDIES) --seed 0 --splits '[0.6,0.1,0.3]'
 
 preprocess: $(STAMP) ## Preprocess $(MANIFEST) into $(CACHE) (default: the phantom; runs `phantom` if needed)
 	@test -f $(MANIFEST) || $(MAKE) --no-print-directory phantom
@@ -54,26 +54,26 @@ preprocess: $(STAMP) ## Preprocess $(MANIFEST) into $(CACHE) (default: the phant
 
 train-demo: preprocess ## Train fVLM and the CLIP baseline on the phantom (CPU, tiny configs)
 	rm -rf runs/demo/fvlm runs/demo/clip
-	$(BIN)/fvlm fit --config configs/demo.yaml --data.cache_dir $(CACHE)
-	$(BIN)/fvlm fit --config configs/demo_clip.yaml --data.cache_dir $(CACHE)
+	$(BIN)/fvlm fit --config configs/demo.yaml --data.cache_dir $(CACHE) --data.labels $(DATA)/labels.csv
+	$(BIN)/fvlm fit --config configs/demo.yaml --config configs/demo_clip.yaml --data.cache_dir $(CACHE) --data.labels $(DATA)/labels.csv
 
 eval-demo: $(STAMP) ## Zero-shot evaluation of the demo checkpoints on held-out phantom studies
 	$(BIN)/fvlm evaluate --cache $(CACHE) --labels $(DATA)/labels.csv --benchmark phantom \
-		--ckpt runs/demo/fvlm/checkpoints/last.ckpt --name fVLM \
-		--ckpt runs/demo/clip/checkpoints/last.ckpt --name CLIP --out runs/demo/eval
+		--ckpt '[runs/demo/fvlm/checkpoints/last.ckpt,runs/demo/clip/checkpoints/last.ckpt]' \
+		--name '[fVLM,CLIP]' --out runs/demo/eval
 
 demo: ## Install, make phantom data, preprocess, train fVLM + CLIP, evaluate, print the table
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory phantom preprocess train-demo eval-demo && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s; plots and tables in runs/demo/eval/"
 
-eval-ctrate: $(STAMP) ## CT-RATE zero-shot evaluation: make eval-ctrate CTRATE=<dir> CKPT=<ckpt>
-	@test -n "$(CTRATE)" -a -n "$(CKPT)" || { echo "usage: make eval-ctrate CTRATE=<CT-RATE dir> CKPT=<checkpoint>"; exit 2; }
-	$(BIN)/fvlm eval-ctrate --root $(CTRATE) --ckpt $(CKPT) --cache $(or $(CTRATE_CACHE),data/cache/ctrate) --out runs/eval-ctrate
+eval-ctrate: $(STAMP) ## CT-RATE zero-shot evaluation: make eval-ctrate CTRATE=<dir> CKPT=<ckpt> [MASKS=<dir>]
+	@test -n "$(CTRATE)" -a -n "$(CKPT)" || { echo "usage: make eval-ctrate CTRATE=<CT-RATE dir> CKPT=<checkpoint> [MASKS=<TotalSegmentator maps>]"; exit 2; }
+	$(BIN)/fvlm eval-ctrate --root $(CTRATE) --ckpt $(CKPT) --cache $(or $(CTRATE_CACHE),data/cache/ctrate) --out runs/eval-ctrate $(if $(MASKS),--masks $(MASKS))
 
-eval-radchestct: $(STAMP) ## Rad-ChestCT external evaluation: make eval-radchestct RADCHESTCT=<dir> CKPT=<ckpt>
-	@test -n "$(RADCHESTCT)" -a -n "$(CKPT)" || { echo "usage: make eval-radchestct RADCHESTCT=<Rad-ChestCT dir> CKPT=<checkpoint>"; exit 2; }
-	$(BIN)/fvlm eval-radchestct --root $(RADCHESTCT) --ckpt $(CKPT) --cache $(or $(RADCHESTCT_CACHE),data/cache/radchestct) --out runs/eval-radchestct
+eval-radchestct: $(STAMP) ## Rad-ChestCT external evaluation: make eval-radchestct RADCHESTCT=<dir> CKPT=<ckpt> [MASKS=<dir>]
+	@test -n "$(RADCHESTCT)" -a -n "$(CKPT)" || { echo "usage: make eval-radchestct RADCHESTCT=<Rad-ChestCT dir> CKPT=<checkpoint> [MASKS=<TotalSegmentator maps>]"; exit 2; }
+	$(BIN)/fvlm eval-radchestct --root $(RADCHESTCT) --ckpt $(CKPT) --cache $(or $(RADCHESTCT_CACHE),data/cache/radchestct) --out runs/eval-radchestct $(if $(MASKS),--masks $(MASKS))
 
 bench: $(STAMP) ## Benchmarks: preprocessing vs naive, fine-grained vs CLIP step, loader vs step
 	$(BIN)/python benchmarks/bench_preprocess.py

@@ -1,8 +1,8 @@
 """Batching of study samples with dynamic padding of the token tensors.
 
-Text encoding dominates the fine-grained step (``../shared/DESIGN.md``, "Performance design": a
-BERT-base over 35 anatomy texts costs 2,473 GFLOP padded to 384 tokens, 192 padded to 32), so each
-batch pads its texts only to its own longest text, never to a fixed maximum.
+Text encoding dominates the fine-grained step (a BERT-base over 35 anatomy texts costs 2,473 GFLOP
+padded to 384 tokens, 192 padded to 32), so each batch pads its texts only to its own longest
+text, never to a fixed maximum.
 """
 
 from __future__ import annotations

@@ -9,15 +9,17 @@ from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fvlm.anatomy import AnatomyTable, load_anatomy_table
 from fvlm.models.text import MINILM, resolve_text_model
+from fvlm.preprocess.cache import StudyCache
 
 from .collate import collate_studies
-from .study_dataset import CachedStudyDataset, read_cache_manifest
+from .study_dataset import CachedStudyDataset
 
 __all__ = ["CTReportDataModule", "EpochSampler", "LazyLoader", "SeededItems", "Split"]
 
@@ -133,6 +135,9 @@ class CTReportDataModule(LightningDataModule):
         train_split: ``split`` value of training studies in the cache manifest.
         val_split: ``split`` value of validation studies (``valid`` for CT-RATE-style caches).
         test_split: ``split`` value of test studies.
+        labels: Optional CSV of per-study disease labels (``study_id`` + disease-key columns,
+            0/1, empty = unknown; e.g. the phantom's ``labels.csv``). With it, validation and
+            test log zero-shot AUROC (``val/auroc_macro``) for checkpoint selection.
     """
 
     def __init__(
@@ -153,6 +158,7 @@ class CTReportDataModule(LightningDataModule):
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "test",
+        labels: str | None = None,
     ) -> None:
         super().__init__()
         if len(crop_size) != 3 or any(int(c) < 1 for c in crop_size):
@@ -180,6 +186,8 @@ class CTReportDataModule(LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.splits: dict[Split, str] = {"train": train_split, "val": val_split, "test": test_split}
         self.datasets: dict[Split, CachedStudyDataset] = {}
+        self.labels = labels
+        self._disease_labels: pd.DataFrame | None = None
 
     @property
     def num_anatomies(self) -> int:
@@ -190,6 +198,21 @@ class CTReportDataModule(LightningDataModule):
     def anatomy_names(self) -> list[str]:
         """Anatomy names in the order of the anatomy axis."""
         return self.table.names
+
+    @property
+    def hu_window(self) -> tuple[float, float] | None:
+        """The HU window the cache maps to [0, 1], read from the cache (linked to the model)."""
+        return StudyCache(self.cache_dir).hu_window()
+
+    @property
+    def disease_labels(self) -> pd.DataFrame | None:
+        """The ``labels`` CSV indexed by study id (``None`` without one); read once."""
+        if self.labels is not None and self._disease_labels is None:
+            frame = pd.read_csv(self.labels, dtype={"study_id": str})
+            if "study_id" not in frame.columns:
+                raise ValueError(f"{self.labels}: no 'study_id' column")
+            self._disease_labels = frame.set_index("study_id")
+        return self._disease_labels
 
     @property
     def tokenizer_path(self) -> str:
@@ -216,9 +239,8 @@ class CTReportDataModule(LightningDataModule):
             if split not in self.datasets:
                 self.datasets[split] = self._build_dataset(split)
         if stage == "fit" and len(self.datasets["train"]) == 0:
-            counts = Counter(
-                (row["split"], row["status"]) for row in read_cache_manifest(self.cache_dir)
-            )
+            rows = StudyCache(self.cache_dir).read_manifest()
+            counts = Counter((row.split, row.status) for row in rows)
             raise ValueError(
                 f"cache {self.cache_dir!r} has no 'ok' study in split {self.splits['train']!r}; "
                 f"(split, status) counts: {dict(counts)}"

@@ -1,16 +1,15 @@
 """A map-style dataset over the preprocessing cache: crop, flip and tokenise one study per item.
 
-The cache (``docs/architecture.md``, "Preprocessing cache") holds each study as memory-mappable
-``.npy`` arrays plus two small JSON files. A sample decides its crop from the per-anatomy bounding
-boxes in ``meta.json`` first, then reads only the crop's pages of ``image.npy`` and
-``anatomy.npy``, so loading cost scales with the crop, not with the scan. Tokenisation happens
-here, i.e. in the loader's worker processes, so the training process never waits on it.
+The cache (:class:`~fvlm.preprocess.cache.StudyCache`, documented in ``docs/architecture.md``,
+"Preprocessing cache") holds each study as memory-mappable ``.npy`` arrays plus two small JSON
+files. A sample decides its crop from the per-anatomy bounding boxes in ``meta.json`` first, then
+reads only the crop's pages of ``image.npy`` and ``anatomy.npy``, so loading cost scales with the
+crop, not with the scan. Tokenisation happens here, i.e. in the loader's worker processes, so the
+training process never waits on it.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,40 +21,25 @@ from torch.utils.data import Dataset
 from fvlm.anatomy import AnatomyTable
 from fvlm.crop import (
     anatomy_aware_crop_box,
-    bboxes_to_array,
     center_crop_start,
     crop_array,
     crop_valid,
     draw_flip_axes,
 )
 from fvlm.models.text import MINILM, load_tokenizer
+from fvlm.preprocess.cache import StudyCache
 
 __all__ = ["CachedStudyDataset", "cache_hu_window", "read_cache_manifest"]
 
-_MANIFEST_COLUMNS = ("study_id", "split", "status")
-
 
 def read_cache_manifest(cache_dir: str | Path) -> list[dict[str, str]]:
-    """Rows of ``<cache>/manifest.csv`` (any status), checked for the columns the loader needs."""
-    path = Path(cache_dir) / "manifest.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"no cache manifest at {path}; run `fvlm preprocess` first")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in _MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing columns {missing} (has {reader.fieldnames})")
-        return [dict(row) for row in reader]
+    """Rows of ``<cache>/manifest.csv`` as dicts (use :meth:`StudyCache.read_manifest`)."""
+    return [row._asdict() for row in StudyCache(cache_dir).read_manifest()]
 
 
 def cache_hu_window(cache_dir: str | Path) -> tuple[float, float] | None:
-    """The HU window the cache mapped to [0, 1] (from its first ``ok`` study; ``None``: none)."""
-    for row in read_cache_manifest(cache_dir):
-        if row["status"] == "ok":
-            meta = Path(cache_dir) / "studies" / row["study_id"] / "meta.json"
-            window = json.loads(meta.read_text()).get("hu_window")
-            return None if window is None else (float(window[0]), float(window[1]))
-    return None
+    """The HU window the cache mapped to [0, 1] (use :meth:`StudyCache.hu_window`)."""
+    return StudyCache(cache_dir).hu_window()
 
 
 class CachedStudyDataset(Dataset):
@@ -64,8 +48,10 @@ class CachedStudyDataset(Dataset):
     Train mode draws the paper's anatomy-aware random crop (A.2: an anatomy chosen uniformly among
     those present is wholly inside the crop) and a random flip. Eval mode takes the deterministic
     centre crop with no flip, padding axes where the volume is smaller than the crop, so every
-    epoch scores the same voxels. In both modes an anatomy is ``valid`` only if it is present and
-    wholly inside the crop (Sec. 3.2: truncated anatomies are left out of the loss).
+    epoch scores the same voxels. In both modes an anatomy is ``valid`` only if it is present,
+    not truncated by the scan's field of view (``meta.json``) and wholly inside the crop (Sec. 3.2:
+    truncated anatomies are left out of the loss). An anatomy the field of view truncates is
+    therefore never drawn as the crop's anchor either: it could not become valid.
 
     Randomness comes from torch's per-process generator (one seed drawn per item), which the
     DataLoader seeds per worker from its own ``generator``; runs are thus reproducible given the
@@ -114,6 +100,7 @@ class CachedStudyDataset(Dataset):
         if any(a not in (0, 1, 2) for a in flip_axes) or not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"bad flip settings: axes {flip_axes!r}, prob {flip_prob}")
         self.cache_dir = Path(cache_dir)
+        self.cache = StudyCache(self.cache_dir)
         self.split = split
         self.table = table
         self.crop_size = crop
@@ -123,12 +110,7 @@ class CachedStudyDataset(Dataset):
         self.report_max_length = int(report_max_length)
         self.flip_axes = tuple(int(a) for a in flip_axes)
         self.flip_prob = float(flip_prob)
-        rows = read_cache_manifest(self.cache_dir)
-        self.study_ids = [
-            row["study_id"]
-            for row in rows
-            if row["status"] == "ok" and (split is None or row["split"] == split)
-        ]
+        self.study_ids = self.cache.ok_studies(split)
         # Anatomy id (cache value) -> table index + 1; ids outside the table become background
         # (a cache of another table is caught earlier, by the anatomy names in meta.json).
         self._lut = np.zeros(256, dtype=np.uint8)
@@ -159,21 +141,6 @@ class CachedStudyDataset(Dataset):
         pad = self.tokenizer.pad_token_id
         return 0 if pad is None else int(pad)
 
-    def study_dir(self, study_id: str) -> Path:
-        """Directory of one study in the cache."""
-        return self.cache_dir / "studies" / study_id
-
-    def read_bboxes(self, meta: dict[str, Any], study_id: str) -> np.ndarray:
-        """``(A, 3, 2)`` boxes in table order from ``meta.json`` (empty box = absent anatomy)."""
-        entries = meta.get("anatomies") or {}
-        self._check_names(entries, study_id, "meta.json")
-        boxes = {
-            name: entry.get("bbox")
-            for name, entry in entries.items()
-            if entry and entry.get("bbox") is not None and (entry.get("voxels") or 0) > 0
-        }
-        return bboxes_to_array(boxes, self.table.names)
-
     def read_texts(self, report: dict[str, Any], study_id: str) -> tuple[list[str], np.ndarray]:
         """Per-anatomy texts and normal flags in table order from ``report.json``.
 
@@ -181,7 +148,7 @@ class CachedStudyDataset(Dataset):
         (it cannot be mentioned in the impression).
         """
         entries = report.get("anatomies") or {}
-        self._check_names(entries, study_id, "report.json")
+        self.cache.check_names(entries, self.table, study_id, "report.json")
         texts, normal = [], np.ones(len(self.table), dtype=bool)
         for i, anatomy in enumerate(self.table.anatomies):
             entry = entries.get(anatomy.name) or {}
@@ -191,14 +158,6 @@ class CachedStudyDataset(Dataset):
                 texts[-1] = anatomy.default_text
             normal[i] = bool(entry.get("normal", True))
         return texts, normal
-
-    def _check_names(self, entries: dict[str, Any], study_id: str, where: str) -> None:
-        unknown = sorted(set(entries) - set(self.table.names))
-        if unknown:
-            raise ValueError(
-                f"study {study_id!r}: {where} names anatomies {unknown[:5]} that the anatomy table "
-                f"{self.table.name!r} lacks; was the cache written with another table?"
-            )
 
     def choose_crop(
         self, shape: Sequence[int], bboxes: np.ndarray, rng: np.random.Generator | None
@@ -227,28 +186,16 @@ class CachedStudyDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         study_id = self.study_ids[index]
-        folder = self.study_dir(study_id)
-        try:
-            meta = json.loads((folder / "meta.json").read_text())
-            report = json.loads((folder / "report.json").read_text())
-            image = np.load(folder / "image.npy", mmap_mode="r")
-            labels = np.load(folder / "anatomy.npy", mmap_mode="r")
-        except (OSError, ValueError) as err:
-            raise RuntimeError(f"study {study_id!r}: cannot read {folder}: {err}") from err
-        if image.ndim != 3 or image.shape != labels.shape:
-            raise ValueError(
-                f"study {study_id!r}: image {image.shape} and anatomy {labels.shape} must be the "
-                "same 3D shape"
-            )
-        if "shape" in meta and tuple(meta["shape"]) != image.shape:
-            raise ValueError(
-                f"study {study_id!r}: meta.json shape {meta['shape']} != image {image.shape}"
-            )
+        meta = self.cache.study_meta(study_id)
+        report = self.cache.study_report(study_id)
+        image, labels = self.cache.open_arrays(study_id, meta)
 
         rng = self._item_rng() if self.train else None
-        bboxes = self.read_bboxes(meta, study_id)
-        start = self.choose_crop(image.shape, bboxes, rng)
-        valid = crop_valid(bboxes, start, self.crop_size)
+        bboxes = self.cache.bboxes(meta, self.table, study_id)
+        complete = ~self.cache.truncated(meta, self.table, study_id)
+        # A truncated anatomy can never be valid: it is no candidate for the anatomy-aware crop.
+        start = self.choose_crop(image.shape, bboxes * complete[:, None, None], rng)
+        valid = crop_valid(bboxes, start, self.crop_size) & complete
         flip = draw_flip_axes(self.flip_axes, rng, self.flip_prob) if rng is not None else ()
         image_crop = crop_array(
             image, start, self.crop_size, pad_value=0.0, dtype=np.float32, flip=flip

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fvlm.lit_modules.contrastive import ContrastiveModule
-from fvlm.models import FineGrainedOutput
+from fvlm.lit_modules.contrastive import ContrastiveModule, SoftTargets
+from fvlm.models import FineGrainedCLIP, FineGrainedOutput
 
 __all__ = ["CoTeachingModule"]
 
@@ -41,40 +41,42 @@ class CoTeachingModule(ContrastiveModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["optimizer"])
+        self.alpha = alpha
         self.automatic_optimization = False
+
+    def configure_models(self) -> None:
+        """Two networks from two seeds; the first is the one evaluated and saved for inference."""
         networks = []
-        for seed in seeds:
+        for seed in self.hparams.seeds:
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
-                networks.append(self.build_network("fine_grained"))
+                networks.append(self.build_network())
         self.networks = nn.ModuleList(networks)
 
     @property
-    def network(self) -> nn.Module:
-        """The network used for evaluation (the first one)."""
+    def network(self) -> FineGrainedCLIP:  # type: ignore[override]
+        """The evaluated network (the first one)."""
         return self.networks[0]
-
-    def forward(self, batch: dict) -> FineGrainedOutput:
-        """Embed a batch with the evaluation network."""
-        return self.network(batch)
 
     def student_index(self, batch_idx: int) -> int:
         """Which network trains on this batch: they alternate every iteration."""
         return batch_idx % 2
 
+    def partner_targets(self, batch: dict, out: FineGrainedOutput, partner: int) -> SoftTargets:
+        """Eq. 3's ``p_other``: the partner network's probabilities on the student's batch."""
+        with torch.no_grad():
+            other = self.networks[partner](batch)
+        return self.loss.teacher_targets(
+            other.image_emb, other.text_emb, out.valid, other.logit_scale
+        )
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Train one network; after burn-in its targets are softened by the other's (Eq. 3)."""
         k = self.student_index(batch_idx)
-        student, teacher = self.networks[k], self.networks[1 - k]
-        out = student(batch)
+        out = self.networks[k](batch)
         soft = None
         if self.current_epoch >= self.hparams.burn_in_epochs:
-            with torch.no_grad():
-                partner = teacher(batch)
-            soft = self.loss.teacher_targets(
-                partner.image_emb, partner.text_emb, out.valid, partner.logit_scale
-            )
+            soft = self.partner_targets(batch, out, 1 - k)
         losses = self.contrastive_loss(out, soft)
         optimizer = self.optimizers()[k]
         optimizer.zero_grad()
@@ -84,11 +86,6 @@ class CoTeachingModule(ContrastiveModule):
         self.log_loss("train", losses, out)
         self.log("train/student", float(k), batch_size=out.valid.shape[0])
         return losses["loss"].detach()
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Validation loss of the evaluation network."""
-        out = self.network(batch)
-        self.log_loss("val", self.contrastive_loss(out), out)
 
     def configure_optimizers(self) -> tuple[list, list]:
         """One optimiser and schedule per network; each steps on every other batch."""

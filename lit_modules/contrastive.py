@@ -1,31 +1,47 @@
-"""What the three training modules share: the towers' options, the loss, optimiser and logging.
+"""The base task of the three training modules: one network, one loss, shared steps and logging.
 
-:class:`FineGrainedCLIPModule`, :class:`GlobalCLIPModule` and :class:`CoTeachingModule` differ only
-in which network(s) they build and how a step uses them; everything else lives here once.
+As torchgeo's ``BaseTask``: ``__init__`` saves the hyper-parameters and calls
+:meth:`~ContrastiveModule.configure_models`, :meth:`~ContrastiveModule.configure_losses` and
+:meth:`~ContrastiveModule.configure_metrics`; ``forward``, the training, validation and test steps
+and the optimiser are written once. :class:`FineGrainedCLIPModule`, :class:`GlobalCLIPModule` and
+:class:`CoTeachingModule` state only what differs (the network kind, the source of Eq. 3's soft
+targets, the second network).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import math
 from collections.abc import Iterable
-from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
+import pandas as pd
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from fvlm.checkpoint import NETWORK_KEY
 from fvlm.data_modules.study_dataset import cache_hu_window
 from fvlm.lit_modules.schedule import warmup_cosine
+from fvlm.lit_modules.zero_shot_validation import ZeroShotAUROC
 from fvlm.loss import AnatomyReduction, FineGrainedContrastiveLoss
-from fvlm.models import MINILM, FineGrainedCLIP, FineGrainedOutput, GlobalCLIP, VisionConfig
+from fvlm.models import (
+    MINILM,
+    FineGrainedCLIP,
+    FineGrainedOutput,
+    GlobalCLIP,
+    NetworkKind,
+    VisionConfig,
+    build_network,
+    network_options,
+)
 from fvlm.models.intensity_windows import check_source_window
 
-__all__ = ["ContrastiveModule", "Network", "adamw", "load_checkpoint"]
+__all__ = ["ContrastiveModule", "adamw"]
 
-Network = Literal["fine_grained", "global"]
+SoftTargets = tuple[torch.Tensor, torch.Tensor]
 
 
 def adamw(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -34,7 +50,7 @@ def adamw(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
 
 
 class ContrastiveModule(LightningModule):
-    """Base LightningModule: builds networks on request, computes the contrastive loss, logs.
+    """Base LightningModule: builds the network, computes the contrastive loss, logs and scores.
 
     Args:
         num_anatomies: Length of the anatomy table (linked from the data module).
@@ -47,14 +63,26 @@ class ContrastiveModule(LightningModule):
             ``0``: frozen backbone, only the projection learns; fast on CPU).
         text_pooling: ``cls`` (paper, BERT) or ``mean`` (what sentence encoders such as MiniLM
             were trained with; use it when the backbone is frozen).
+        text_gradient_checkpointing: Recompute the text layers in backward (saves memory).
         embed_dim: Joint embedding width.
+        pooling_heads: Heads of the anatomy attention (fine-grained networks).
+        temperature: Initial temperature (paper and CLIP: 0.07).
+        max_logit_scale: Cap of the learned ``1 / temperature``.
         fncn: False-negative correction of normals (Tab. 4 "FNCN").
         identical_text_positive: Identical anatomy descriptions are positives of each other.
         anatomy_reduction: Sum (Eq. 2) or mean of the per-anatomy losses.
+        skip_all_normal_anatomies: Leave out of the loss the anatomies without any abnormal
+            sample in the global batch (the authors' release; the paper is silent).
         optimizer: Optimiser factory (``class_path``/``init_args`` in YAML); its ``lr`` is the peak.
         warmup_epochs: Linear warm-up length (A.2: one epoch).
         min_lr: Final learning rate of the cosine decay (A.2: 1e-6).
     """
+
+    network_kind: ClassVar[NetworkKind] = "fine_grained"
+    alpha: float = 0.5
+    """Weight of the hard targets in Eq. 3; modules with label correction set their own."""
+    network: FineGrainedCLIP | GlobalCLIP
+    """The network that is validated, tested and loaded by :func:`fvlm.checkpoint.load_network`."""
 
     def __init__(
         self,
@@ -64,10 +92,15 @@ class ContrastiveModule(LightningModule):
         text_config: dict | None = None,
         text_trainable_layers: int | None = None,
         text_pooling: Literal["cls", "mean"] = "cls",
+        text_gradient_checkpointing: bool = False,
         embed_dim: int = 512,
+        pooling_heads: int = 8,
+        temperature: float = 0.07,
+        max_logit_scale: float = 100.0,
         fncn: bool = True,
         identical_text_positive: bool = True,
         anatomy_reduction: AnatomyReduction = "sum",
+        skip_all_normal_anatomies: bool = False,
         optimizer: OptimizerCallable = adamw,
         warmup_epochs: float = 1.0,
         min_lr: float = 1e-6,
@@ -75,50 +108,69 @@ class ContrastiveModule(LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
+        self.zero_shot: nn.ModuleDict = nn.ModuleDict()
+        self.configure_models()
+        self.configure_losses()
+
+    # -- hooks a subclass overrides ------------------------------------------------------------
+
+    def configure_models(self) -> None:
+        """Build the trained network(s); the base builds one network of ``network_kind``."""
+        self.network = self.build_network()
+
+    def configure_losses(self) -> None:
+        """The anatomy-level contrastive loss with this module's options."""
+        hp = self.hparams
         self.loss = FineGrainedContrastiveLoss(
-            fncn=fncn,
-            identical_text_positive=identical_text_positive,
-            anatomy_reduction=anatomy_reduction,
+            fncn=hp.fncn,
+            identical_text_positive=hp.identical_text_positive,
+            anatomy_reduction=hp.anatomy_reduction,
+            skip_all_normal_anatomies=hp.skip_all_normal_anatomies,
         )
 
-    def build_network(self, kind: Network) -> FineGrainedCLIP | GlobalCLIP:
-        """A fresh network of ``kind`` with this module's tower options."""
-        hp = self.hparams
-        text_config = None
-        if hp.text_config is not None:
-            from transformers import BertConfig
+    def configure_metrics(self) -> None:
+        """Zero-shot AUROC for validation and test when the data module has disease labels.
 
-            text_config = BertConfig(**hp.text_config)
-        vision = hp.vision
-        if isinstance(vision, dict):  # hparams restored from YAML or a checkpoint
-            vision = VisionConfig(**vision)
-        common = {
-            "vision": vision,
-            "text_model": hp.text_model,
-            "text_config": text_config,
-            "text_trainable_layers": hp.text_trainable_layers,
-            "text_pooling": hp.text_pooling,
-            "embed_dim": hp.embed_dim,
-        }
-        if kind == "global":
-            return GlobalCLIP(**common)
-        if hp.num_anatomies < 1:
-            raise ValueError("num_anatomies must be >= 1 (linked from data.num_anatomies)")
-        return FineGrainedCLIP(num_anatomies=hp.num_anatomies, **common)
+        Called from :meth:`setup`: the diseases scored are the label file's columns.
+        """
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        labels: pd.DataFrame | None = getattr(datamodule, "disease_labels", None)
+        if labels is None or len(self.zero_shot):
+            return
+        mode = "global" if self.network_kind == "global" else "fine"
+        for stage in ("val", "test"):
+            self.zero_shot[stage] = ZeroShotAUROC(
+                datamodule.table, labels, self.hparams.text_model, mode
+            )
+
+    def soft_targets(self, batch: dict, out: FineGrainedOutput) -> SoftTargets | None:
+        """Eq. 3's ``p_other`` for this batch; ``None`` trains on the hard (FNCN) targets."""
+        return None
+
+    # -- shared machinery ----------------------------------------------------------------------
+
+    def build_network(self) -> FineGrainedCLIP | GlobalCLIP:
+        """A fresh network of ``network_kind`` with this module's tower options."""
+        return build_network(self.network_kind, **network_options(self.hparams))
 
     def setup(self, stage: str) -> None:
-        """Tell the loss about the process group so features are gathered across ranks."""
+        """Tell the loss about the process group, check the cache's HU window, build metrics."""
         self.loss.rank = self.global_rank
         self.loss.world_size = self.trainer.world_size if self._trainer is not None else 1
         cache_dir = getattr(getattr(self._trainer, "datamodule", None), "cache_dir", None)
         if cache_dir is not None:
             source = self.network.vision.config.source_hu_window
             check_source_window(source, cache_hu_window(cache_dir), cache_dir)
+        self.configure_metrics()
+
+    def forward(self, batch: dict) -> FineGrainedOutput:
+        """Embed a batch with the evaluated network."""
+        return self.network(batch)
 
     def contrastive_loss(
-        self, out: FineGrainedOutput, soft_targets: tuple[torch.Tensor, torch.Tensor] | None = None
+        self, out: FineGrainedOutput, soft: SoftTargets | None = None
     ) -> dict[str, torch.Tensor]:
-        """The loss of one network's output, optionally with Eq. 3's softened targets."""
+        """The loss of one network's output; ``soft`` softens its targets as in Eq. 3."""
         return self.loss(
             out.image_emb,
             out.text_emb,
@@ -126,9 +178,61 @@ class ContrastiveModule(LightningModule):
             out.normal,
             out.text_key,
             out.logit_scale,
-            soft_targets=soft_targets,
-            alpha=self.hparams.get("alpha", 0.5),
+            soft_targets=soft,
+            alpha=self.alpha,
         )
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """One contrastive step (Eq. 2; Eq. 3 when :meth:`soft_targets` gives targets)."""
+        out = self.network(batch)
+        losses = self.contrastive_loss(out, self.soft_targets(batch, out))
+        self.log_loss("train", losses, out)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Loss with hard targets, and the batch's zero-shot scores."""
+        self._evaluation_step("val", batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """As :meth:`validation_step`, on the test split (``fvlm test``)."""
+        self._evaluation_step("test", batch)
+
+    def _evaluation_step(self, stage: str, batch: dict) -> None:
+        out = self.network(batch)
+        self.log_loss(stage, self.contrastive_loss(out), out)
+        if stage in self.zero_shot:
+            self.zero_shot[stage].update(self.network, out, batch["study_id"])
+
+    def on_validation_epoch_start(self) -> None:
+        """Prompts are encoded afresh with this epoch's weights."""
+        if "val" in self.zero_shot:
+            self.zero_shot["val"].start_epoch()
+
+    def on_test_epoch_start(self) -> None:
+        """Prompts are encoded afresh with the tested weights."""
+        if "test" in self.zero_shot:
+            self.zero_shot["test"].start_epoch()
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/auroc/<disease>`` and ``val/auroc_macro`` (monitor it to keep the best)."""
+        self._log_auroc("val")
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test/auroc/<disease>`` and ``test/auroc_macro``."""
+        self._log_auroc("test")
+
+    def _log_auroc(self, stage: str) -> None:
+        if stage not in self.zero_shot or self.trainer.sanity_checking:
+            if stage in self.zero_shot:
+                self.zero_shot[stage].compute()  # drop the sanity batches' state
+            return
+        values = self.zero_shot[stage].compute()
+        macro = values.pop("macro")
+        for key, value in values.items():
+            self.log(f"{stage}/auroc/{key}", value)
+        self.log(f"{stage}/auroc_macro", macro, prog_bar=True)
+        if torch.isnan(macro):
+            rank_zero_warn(f"{stage}/auroc_macro is NaN: no disease had positives and negatives")
 
     def log_loss(self, stage: str, losses: dict[str, torch.Tensor], out: FineGrainedOutput) -> None:
         """Log total, per-direction and per-anatomy losses and the temperature."""
@@ -159,7 +263,7 @@ class ContrastiveModule(LightningModule):
         ``share`` is the fraction of training batches this optimiser steps on (co-teaching: 0.5).
         """
         optimizer = self.optimizer_factory(params)
-        total = max(1, int(self.trainer.estimated_stepping_batches * share))
+        total = max(1, math.ceil(self.trainer.estimated_stepping_batches * share))
         epochs = max(1, self.trainer.max_epochs or 1)
         warmup = min(total, int(round(total * self.hparams.warmup_epochs / epochs)))
         scheduler = warmup_cosine(optimizer, total, warmup, self.hparams.min_lr)
@@ -168,21 +272,13 @@ class ContrastiveModule(LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    def configure_optimizers(self) -> Any:
+        """AdamW + warm-up/cosine over the trained network."""
+        return self.make_optimizer(self.network.parameters())
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Record the module class so :func:`load_checkpoint` needs no other information."""
-        checkpoint["fvlm_module"] = f"{type(self).__module__}.{type(self).__qualname__}"
-        # A VisionConfig object would make the checkpoint unloadable with weights_only=True.
+        """Record the network kind, and keep the file loadable with ``weights_only=True``."""
+        checkpoint[NETWORK_KEY] = {"kind": self.network_kind}
         hparams = checkpoint.get("hyper_parameters", {})
         if isinstance(hparams.get("vision"), VisionConfig):
             hparams["vision"] = dataclasses.asdict(hparams["vision"])
-
-
-def load_checkpoint(path: str | Path, map_location: str = "cpu") -> ContrastiveModule:
-    """Load any fvlm training checkpoint (fVLM, co-teaching or CLIP) in eval mode."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-    if "fvlm_module" not in checkpoint:
-        raise ValueError(f"{path}: not an fvlm checkpoint (no 'fvlm_module' entry)")
-    module_name, _, class_name = checkpoint["fvlm_module"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=False)
-    return module.eval()

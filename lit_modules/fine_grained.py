@@ -6,12 +6,12 @@ itself, a momentum (EMA) copy, and co-teaching (see :mod:`fvlm.lit_modules.co_te
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Literal
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from fvlm.lit_modules.contrastive import ContrastiveModule
+from fvlm.lit_modules.contrastive import ContrastiveModule, SoftTargets
 from fvlm.models import FineGrainedOutput
 
 __all__ = ["FineGrainedCLIPModule"]
@@ -39,51 +39,31 @@ class FineGrainedCLIPModule(ContrastiveModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["optimizer"])
-        self.network = self.build_network("fine_grained")
-        self.momentum_network = None
-        if label_correction == "momentum":
-            self.momentum_network = copy.deepcopy(self.network).requires_grad_(False)
+        self.alpha = alpha
 
-    def forward(self, batch: dict) -> FineGrainedOutput:
-        """Embed a batch with the trained network."""
-        return self.network(batch)
+    def configure_models(self) -> None:
+        """The network, and its EMA copy (``torch.optim.swa_utils``) for momentum correction."""
+        super().configure_models()
+        self.momentum_network: AveragedModel | None = None
+        if self.hparams.label_correction == "momentum":
+            average = get_ema_multi_avg_fn(self.hparams.momentum)
+            self.momentum_network = AveragedModel(self.network, multi_avg_fn=average)
+            self.momentum_network.requires_grad_(False)
 
-    def _soft_targets(self, batch: dict, out: FineGrainedOutput) -> tuple | None:
+    def soft_targets(self, batch: dict, out: FineGrainedOutput) -> SoftTargets | None:
+        """The network's own or its EMA copy's probabilities, after the burn-in."""
         hp = self.hparams
         if hp.label_correction == "none" or self.current_epoch < hp.burn_in_epochs:
             return None
         teacher = out
-        if hp.label_correction == "momentum":
+        if self.momentum_network is not None:
             with torch.no_grad():
                 teacher = self.momentum_network(batch)
         return self.loss.teacher_targets(
             teacher.image_emb.detach(), teacher.text_emb.detach(), out.valid, teacher.logit_scale
         )
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """One contrastive step (Eq. 2, with Eq. 3 after burn-in if label correction is on)."""
-        out = self.network(batch)
-        losses = self.contrastive_loss(out, self._soft_targets(batch, out))
-        self.log_loss("train", losses, out)
-        return losses["loss"]
-
     def on_train_batch_end(self, outputs: object, batch: dict, batch_idx: int) -> None:
         """Update the momentum copy after each optimiser step."""
-        if self.momentum_network is None:
-            return
-        decay = self.hparams.momentum
-        with torch.no_grad():
-            for ema, live in zip(
-                self.momentum_network.parameters(), self.network.parameters(), strict=True
-            ):
-                ema.lerp_(live, 1.0 - decay)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Validation loss with hard targets."""
-        out = self.network(batch)
-        self.log_loss("val", self.contrastive_loss(out), out)
-
-    def configure_optimizers(self) -> dict:
-        """AdamW + warm-up/cosine over the trained network only (not the momentum copy)."""
-        return self.make_optimizer(self.network.parameters())
+        if self.momentum_network is not None:
+            self.momentum_network.update_parameters(self.network)

@@ -1,23 +1,26 @@
 """The paper's learning-rate schedule: linear warm-up to the peak, then cosine decay to a floor.
 
 A.2: "The learning rate linearly increases to 1e-4 in the first epoch and then decreases to 1e-6
-with a cosine decay scheduler." Expressed per optimisation step so it is exact for any epoch length.
+with a cosine decay scheduler." Built from torch's own schedulers, per optimisation step so it is
+exact for any epoch length: ``LinearLR`` from ``peak / warmup`` to the peak over the warm-up steps,
+then ``CosineAnnealingLR`` down to ``min_lr`` at the last step.
 """
 
 from __future__ import annotations
 
-import math
-
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
 __all__ = ["warmup_cosine"]
 
 
 def warmup_cosine(
     optimizer: Optimizer, total_steps: int, warmup_steps: int, min_lr: float
-) -> LambdaLR:
-    """Per-step schedule: 0 -> base lr over ``warmup_steps``, then cosine to ``min_lr``.
+) -> LRScheduler:
+    """Per-step schedule: ``peak * (s + 1) / warmup_steps`` while warming up, then cosine.
+
+    Step ``s`` of the warm-up already trains (the first step is not wasted at lr 0); the cosine
+    reaches ``min_lr`` at step ``total_steps``.
 
     Args:
         optimizer: Optimiser whose ``lr`` is the peak learning rate.
@@ -27,13 +30,10 @@ def warmup_cosine(
     """
     if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
         raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps})")
-    peaks = [group["lr"] for group in optimizer.param_groups]
-
-    def factor(step: int, peak: float) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        floor = min_lr / peak
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return LambdaLR(optimizer, [lambda s, p=p: factor(s, p) for p in peaks])
+    decay = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=min_lr)
+    if warmup_steps == 0:
+        return decay
+    warmup = LinearLR(
+        optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0, total_iters=warmup_steps - 1
+    )
+    return SequentialLR(optimizer, [warmup, decay], milestones=[warmup_steps])

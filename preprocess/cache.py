@@ -1,12 +1,17 @@
-"""The preprocessing cache on disk (contract: ``docs/architecture.md``), written crash-safely.
+"""The preprocessing cache on disk: one contract for its writer, the dataset and evaluation.
 
-Layout::
+Layout (fields in ``docs/architecture.md``, "Preprocessing cache")::
 
     <cache>/manifest.csv                  study_id, split, status (ok|failed), reason
     <cache>/studies/<id>/image.npy        float16 (D, H, W), canonical axes, HU window -> [0, 1]
     <cache>/studies/<id>/anatomy.npy      uint8 (D, H, W) anatomy ids of the table
-    <cache>/studies/<id>/meta.json        spacing, shape, decisions, per-anatomy bbox, input hashes
+    <cache>/studies/<id>/meta.json        spacing, shape, decisions, per-anatomy bbox and
+                                          field-of-view truncation, input hashes
     <cache>/studies/<id>/report.json      findings, impression, per-anatomy text/normal/source
+
+:class:`StudyCache` is the only code that spells this layout out: ``fvlm preprocess`` writes
+through it, :class:`~fvlm.data_modules.CachedStudyDataset` and evaluation read through it. It
+imports neither Lightning nor torch.
 
 A study folder appears all at once: its files are written into ``<cache>/.tmp/`` and the folder is
 renamed into place, so a run killed at any moment leaves each study either complete or absent, and
@@ -34,19 +39,25 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+
+from fvlm.anatomy import AnatomyTable
 
 __all__ = [
     "MANIFEST_COLUMNS",
     "STUDY_FILES",
     "CacheBusy",
+    "CacheEntry",
+    "CacheError",
     "StudyCache",
     "file_fingerprint",
     "text_fingerprint",
 ]
 
 MANIFEST_COLUMNS = ("study_id", "split", "status", "reason")
+_REQUIRED_COLUMNS = MANIFEST_COLUMNS[:3]  # ``reason`` is for people, readers need no more
 STUDY_FILES = ("image.npy", "anatomy.npy", "meta.json", "report.json")
 _CHUNK = 1 << 20
 _worker_lock_fd: int | None = None
@@ -54,6 +65,19 @@ _worker_lock_fd: int | None = None
 
 class CacheBusy(RuntimeError):
     """Another preprocessing run holds the cache."""
+
+
+class CacheError(ValueError):
+    """A cache file that does not follow the contract; the message names the study and file."""
+
+
+class CacheEntry(NamedTuple):
+    """One row of ``manifest.csv``: a study, its split, ``ok`` or ``failed`` and why."""
+
+    study_id: str
+    split: str
+    status: str
+    reason: str = ""
 
 
 def file_fingerprint(path: Path, previous: dict | None = None) -> dict:
@@ -100,7 +124,13 @@ def _json_bytes(value: object) -> bytes:
 
 
 class StudyCache:
-    """Reader/writer of one cache folder.
+    """The cache contract: where each file lives, how it is read, written and checked.
+
+    Readers go by ``manifest.csv``: :meth:`ok_studies` lists what may be used, :meth:`study_meta`,
+    :meth:`study_report` and :meth:`open_arrays` read one study (arrays as memory maps, so a crop
+    reads only its own pages), and :meth:`bboxes` / :meth:`truncated` turn ``meta.json``'s
+    per-anatomy entries into arrays in anatomy-table order. The writer holds :meth:`lock` and
+    writes with :meth:`write_study` and :meth:`write_manifest`.
 
     Args:
         root: The cache folder; created on first write.
@@ -110,6 +140,9 @@ class StudyCache:
         self.root = Path(root)
         self.studies = self.root / "studies"
         self.tmp = self.root / ".tmp"
+        self.manifest_path = self.root / "manifest.csv"
+
+    # -- layout ----------------------------------------------------------------------------------
 
     def study_dir(self, study_id: str) -> Path:
         """Folder of one study; refuses ids that would leave ``studies/``."""
@@ -122,12 +155,159 @@ class StudyCache:
         folder = self.study_dir(study_id)
         return all((folder / name).is_file() for name in STUDY_FILES)
 
+    # -- reading ---------------------------------------------------------------------------------
+
+    def read_manifest(self) -> list[CacheEntry]:
+        """Rows of ``manifest.csv`` (any status), in the order the writer listed them.
+
+        Raises:
+            FileNotFoundError: There is no manifest: the cache was never built.
+            CacheError: A column readers need is missing.
+        """
+        path = self.manifest_path
+        if not path.is_file():
+            raise FileNotFoundError(f"no cache manifest at {path}; run `fvlm preprocess` first")
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in _REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise CacheError(f"{path}: missing columns {missing} (has {reader.fieldnames})")
+            return [
+                CacheEntry(row["study_id"], row["split"], row["status"], row.get("reason") or "")
+                for row in reader
+            ]
+
+    def ok_studies(self, split: str | None = None) -> list[str]:
+        """Ids of the ``ok`` studies of ``split`` (every split for ``None``), in manifest order."""
+        return [
+            row.study_id
+            for row in self.read_manifest()
+            if row.status == "ok" and (split is None or row.split == split)
+        ]
+
     def read_meta(self, study_id: str) -> dict | None:
-        """The study's ``meta.json``, or ``None`` if absent or unreadable (then it is redone)."""
+        """The study's ``meta.json``, or ``None`` if absent or unreadable (the writer redoes it)."""
         try:
             return json.loads((self.study_dir(study_id) / "meta.json").read_text("utf-8"))
         except (OSError, ValueError):
             return None
+
+    def study_meta(self, study_id: str) -> dict:
+        """The ``meta.json`` of a study the manifest lists as ok.
+
+        Raises:
+            CacheError: Missing or unreadable, naming the file.
+        """
+        return self._read_json(study_id, "meta.json")
+
+    def study_report(self, study_id: str) -> dict:
+        """The ``report.json`` of a study (raises :class:`CacheError` naming the file)."""
+        return self._read_json(study_id, "report.json")
+
+    def _read_json(self, study_id: str, name: str) -> dict:
+        path = self.study_dir(study_id) / name
+        try:
+            value = json.loads(path.read_text("utf-8"))
+        except (OSError, ValueError) as err:
+            raise CacheError(
+                f"study {study_id!r}: cannot read {path} ({type(err).__name__}: {err}); "
+                "rerun `fvlm preprocess` on this cache"
+            ) from err
+        if not isinstance(value, dict):
+            raise CacheError(f"study {study_id!r}: {path} is not a JSON object")
+        return value
+
+    def open_arrays(self, study_id: str, meta: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``image`` and ``anatomy`` of a study as read-only memory maps, shapes checked.
+
+        Nothing is read yet: slicing a memory map reads only the pages of the slice, which is
+        what keeps a training crop's cost independent of the scan's size.
+
+        Raises:
+            CacheError: A file is missing or unreadable, or the shapes disagree with each other
+                or with ``meta['shape']``.
+        """
+        folder = self.study_dir(study_id)
+        try:
+            image = np.load(folder / "image.npy", mmap_mode="r")
+            anatomy = np.load(folder / "anatomy.npy", mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise CacheError(f"study {study_id!r}: cannot read {folder}: {err}") from err
+        if image.ndim != 3 or image.shape != anatomy.shape:
+            raise CacheError(
+                f"study {study_id!r}: image {image.shape} and anatomy {anatomy.shape} must be the "
+                "same 3D shape"
+            )
+        if meta is not None and "shape" in meta and tuple(meta["shape"]) != image.shape:
+            raise CacheError(
+                f"study {study_id!r}: meta.json shape {meta['shape']} != image {image.shape}"
+            )
+        return image, anatomy
+
+    def hu_window(self) -> tuple[float, float] | None:
+        """The HU window the cache mapped to [0, 1] (of its first ``ok`` study; ``None``: none)."""
+        for study_id in self.ok_studies():
+            window = self.study_meta(study_id).get("hu_window")
+            return None if window is None else (float(window[0]), float(window[1]))
+        return None
+
+    # -- per-anatomy fields of meta.json -----------------------------------------------------------
+
+    @staticmethod
+    def anatomy_entries(meta: dict, table: AnatomyTable, study_id: str) -> list[dict]:
+        """``meta['anatomies']`` in table order (``{}`` for an anatomy the meta does not list).
+
+        Raises:
+            CacheError: The meta names anatomies the table lacks (a cache of another table).
+        """
+        entries = meta.get("anatomies") or {}
+        StudyCache.check_names(entries, table, study_id, "meta.json")
+        return [entries.get(name) or {} for name in table.names]
+
+    @staticmethod
+    def check_names(entries: dict, table: AnatomyTable, study_id: str, where: str) -> None:
+        """Refuse per-anatomy entries (of ``meta.json`` or ``report.json``) the table lacks."""
+        unknown = sorted(set(entries) - set(table.names))
+        if unknown:
+            raise CacheError(
+                f"study {study_id!r}: {where} names anatomies {unknown[:5]} that the anatomy "
+                f"table {table.name!r} lacks; was the cache written with another table?"
+            )
+
+    @classmethod
+    def bboxes(cls, meta: dict, table: AnatomyTable, study_id: str) -> np.ndarray:
+        """``(A, 3, 2)`` half-open boxes on the cache grid in table order (all zero: absent)."""
+        boxes = np.zeros((len(table), 3, 2), dtype=np.int64)
+        for i, entry in enumerate(cls.anatomy_entries(meta, table, study_id)):
+            if entry.get("bbox") is not None and (entry.get("voxels") or 0) > 0:
+                box = np.asarray(entry["bbox"])
+                if box.shape != (3, 2):
+                    raise CacheError(
+                        f"study {study_id!r}: bbox of {table.names[i]!r} must be "
+                        f"[[d0, d1], [h0, h1], [w0, w1]], got {entry['bbox']!r}"
+                    )
+                boxes[i] = box
+        return boxes
+
+    @classmethod
+    def truncated(cls, meta: dict, table: AnatomyTable, study_id: str) -> np.ndarray:
+        """``(A,)`` bool: the anatomy is cut by the scan's field of view (never valid).
+
+        A cache written before truncation was recorded has no such field: nothing is truncated.
+        """
+        entries = cls.anatomy_entries(meta, table, study_id)
+        return np.array([bool(entry.get("truncated", False)) for entry in entries], dtype=bool)
+
+    @staticmethod
+    def anatomy_presence(meta: dict) -> dict[str, bool]:
+        """``{name: complete}`` for the anatomies present in a study (complete: not truncated)."""
+        return {
+            name: not entry.get("truncated", False)
+            for name, entry in (meta.get("anatomies") or {}).items()
+            if entry and (entry.get("voxels") or 0) > 0
+        }
+
+    # -- writing ---------------------------------------------------------------------------------
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -238,7 +418,7 @@ class StudyCache:
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(MANIFEST_COLUMNS)
         writer.writerows(rows)
-        target = self.root / "manifest.csv"
+        target = self.manifest_path
         self.tmp.mkdir(parents=True, exist_ok=True)
         staging = self.tmp / f"manifest.{uuid.uuid4().hex}.csv"
         staging.write_text(buffer.getvalue(), encoding="utf-8")

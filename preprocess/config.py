@@ -17,6 +17,7 @@ from typing import Literal
 from fvlm.anatomy import AnatomyTable
 
 from .decomposition.llm import LLMConfig
+from .geometry import MAX_OUTPUT_VOXELS, SPACING_RANGE_MM, GeometryRule
 
 __all__ = ["PIPELINE_VERSION", "LLMConfig", "PreprocessConfig", "table_fingerprint"]
 
@@ -35,6 +36,18 @@ class PreprocessConfig:
         spacing: Voxel size (mm) along the canonical axes (inferior->superior,
             posterior->anterior, left->right). Paper (abdomen): 5 x 1 x 1.
         hu_window: HU range mapped linearly to [0, 1], values outside clipped. Paper: -300..400.
+        truncation_margin_mm: An anatomy whose mask comes within this many mm of a face of the
+            original scan (before resampling) is recorded as truncated by the field of view in
+            ``meta.json`` and is never valid in the loss (Sec. 3.2). 0 counts only masks that
+            touch a face; a few mm also catch masks that stop just short of it, as segmentations
+            near a cut often do.
+        geometry: Where a volume's geometry comes from: ``auto`` = the NIfTI header unless it is
+            uninformative (identity affine, zero or sheared columns, implausible spacing), then
+            the manifest's metadata columns (``spacing``/CT-RATE's ``XYSpacing``, ``ZSpacing``,
+            ...); ``header`` or ``metadata`` force one. Recorded per study in ``meta.json``.
+        spacing_range_mm: Plausible voxel sizes (mm); a volume outside fails its study.
+        max_output_voxels: Budget of a study's resampled grid; a larger one fails the study
+            before anything is allocated (e.g. a spacing in the wrong unit).
         anatomy_table: Anatomy table preset (``paper``, ``chest``) or path to a YAML file.
         segmenter: ``precomputed`` reads the manifest's ``mask`` column (TotalSegmentator label
             maps on the image grid); ``totalsegmentator`` runs it (weights must be installed).
@@ -62,6 +75,10 @@ class PreprocessConfig:
     cache: Path
     spacing: tuple[float, float, float] = (5.0, 1.0, 1.0)
     hu_window: tuple[float, float] = (-300.0, 400.0)
+    truncation_margin_mm: float = 3.0
+    geometry: Literal["auto", "header", "metadata"] = "auto"
+    spacing_range_mm: tuple[float, float] = SPACING_RANGE_MM
+    max_output_voxels: int = MAX_OUTPUT_VOXELS
     anatomy_table: str = "paper"
     segmenter: Literal["precomputed", "totalsegmentator"] = "precomputed"
     totalseg_fast: bool = False
@@ -81,6 +98,8 @@ class PreprocessConfig:
         set_(self, "cache", Path(self.cache))
         set_(self, "spacing", tuple(float(s) for s in self.spacing))
         set_(self, "hu_window", tuple(float(v) for v in self.hu_window))
+        set_(self, "spacing_range_mm", tuple(float(v) for v in self.spacing_range_mm))
+        set_(self, "truncation_margin_mm", float(self.truncation_margin_mm))
         if isinstance(self.llm, dict):
             set_(self, "llm", LLMConfig(**self.llm))
         if self.decomposer == "llm" and self.llm.cache_dir is None:
@@ -93,6 +112,7 @@ class PreprocessConfig:
             "totalseg_version": ("auto", "v1", "v2"),
             "rescale": ("auto", "always", "never"),
             "decomposer": ("rules", "llm"),
+            "geometry": ("auto", "header", "metadata"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -101,6 +121,16 @@ class PreprocessConfig:
             raise ValueError(f"spacing must be three positive numbers (mm), got {self.spacing}")
         if len(self.hu_window) != 2 or not self.hu_window[0] < self.hu_window[1]:
             raise ValueError(f"hu_window must be [low, high] with low < high, got {self.hu_window}")
+        if not self.truncation_margin_mm >= 0:
+            raise ValueError(
+                f"truncation_margin_mm must be >= 0 (mm), got {self.truncation_margin_mm}"
+            )
+        low, high = self.spacing_range_mm
+        if not 0 < low < high or self.max_output_voxels < 1:
+            raise ValueError(
+                f"spacing_range_mm must be [low, high] with 0 < low < high and max_output_voxels"
+                f" >= 1, got {self.spacing_range_mm} and {self.max_output_voxels}"
+            )
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
 
@@ -118,13 +148,22 @@ class PreprocessConfig:
             "pipeline_version": PIPELINE_VERSION,
             "spacing": list(self.spacing),
             "hu_window": list(self.hu_window),
+            "truncation_margin_mm": self.truncation_margin_mm,
             "anatomy_table": {"name": table.name, "sha256": table_fingerprint(table)},
             "segmenter": self.segmenter,
+            "geometry": self.geometry,
             "totalseg_fast": self.totalseg_fast if self.segmenter == "totalsegmentator" else None,
             "totalseg_version": self.totalseg_version,
             "rescale": self.rescale,
             "decomposer": decomposer,
         }
+
+    @property
+    def geometry_rule(self) -> GeometryRule:
+        """How the volume loader decides and bounds each study's geometry."""
+        return GeometryRule(
+            self.geometry, self.spacing_range_mm, self.max_output_voxels, self.spacing
+        )
 
     def fingerprint(self, table: AnatomyTable) -> str:
         """SHA-256 of :meth:`settings`: a study is redone when it changes."""

@@ -12,6 +12,14 @@ missing required column - raise :class:`ManifestError`.
 
 Optional columns ``rescale_slope``/``rescale_intercept`` (or CT-RATE's ``RescaleSlope``/
 ``RescaleIntercept``) carry DICOM rescale metadata; see :mod:`fvlm.preprocess.rescale`.
+
+Optional geometry columns, used where a volume's header is uninformative (an identity affine, as in
+CT-RATE; see :mod:`fvlm.preprocess.geometry`): ``spacing`` (mm along the stored array's axes i, j,
+k, e.g. ``[0.75, 0.75, 1.5]``), ``image_orientation`` (DICOM ImageOrientationPatient, 6 numbers)
+and ``image_position`` (ImagePositionPatient, 3 numbers). CT-RATE's own metadata columns are read
+too: ``XYSpacing`` (DICOM PixelSpacing: row spacing, i.e. along j, then column spacing, along i)
+with ``ZSpacing``, ``ImageOrientationPatient`` and ``ImagePositionPatient``. Lists may be written
+``[a, b, c]``, ``a b c`` or backslash-separated as in DICOM.
 """
 
 from __future__ import annotations
@@ -22,12 +30,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .geometry import GeometryError, MetadataGeometry
+
 __all__ = ["REQUIRED_COLUMNS", "Manifest", "ManifestError", "ManifestRow", "read_manifest"]
 
 REQUIRED_COLUMNS = ("study_id", "image", "findings", "impression")
 _SLOPE = ("rescale_slope", "RescaleSlope")
 _INTERCEPT = ("rescale_intercept", "RescaleIntercept")
 _NPZ_SPACING = ("npz_spacing",)
+_ORIENTATION = ("image_orientation", "ImageOrientationPatient")
+_POSITION = ("image_position", "ImagePositionPatient")
+_LIST_SEPARATORS = re.compile(r"[\s,;\\]+")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -49,6 +62,7 @@ class ManifestRow:
     rescale_slope: float | None = None
     rescale_intercept: float | None = None
     npz_spacing: float | None = None
+    geometry: MetadataGeometry | None = None
     error: str | None = None
 
 
@@ -85,6 +99,44 @@ def _number(record: dict[str, str], names: tuple[str, ...]) -> float | None:
     return None
 
 
+def _numbers(record: dict[str, str], names: tuple[str, ...], count: int) -> list[float] | None:
+    """A list of ``count`` finite numbers from the first non-empty column of ``names``."""
+    for name in names:
+        text = (record.get(name) or "").strip()
+        if text:
+            parts = [p for p in _LIST_SEPARATORS.split(text.strip("[]() ")) if p]
+            try:
+                values = [float(p) for p in parts]
+            except ValueError:
+                values = []
+            if len(values) != count or not all(map(math.isfinite, values)):
+                raise ValueError(f"column {name!r} must hold {count} numbers, got {text!r}")
+            return values
+    return None
+
+
+def _geometry(record: dict[str, str]) -> MetadataGeometry | None:
+    """The study's metadata geometry, or ``None`` when the manifest gives no spacing."""
+    spacing = _numbers(record, ("spacing",), 3)
+    if spacing is None and (record.get("XYSpacing") or "").strip():
+        row_col = _numbers(record, ("XYSpacing",), 2)
+        z = _number(record, ("ZSpacing",))
+        if row_col is None or z is None:
+            raise ValueError("column 'XYSpacing' needs 'ZSpacing' next to it")
+        spacing = [row_col[1], row_col[0], z]  # PixelSpacing is (along j, along i)
+    orientation = _numbers(record, _ORIENTATION, 6)
+    position = _numbers(record, _POSITION, 3)
+    if spacing is None:
+        if orientation is not None or position is not None:
+            raise ValueError("image orientation/position given without a spacing")
+        return None
+    return MetadataGeometry(
+        tuple(spacing),  # type: ignore[arg-type]
+        None if orientation is None else tuple(orientation),
+        None if position is None else tuple(position),  # type: ignore[arg-type]
+    )
+
+
 def _row(line: int, header: list[str], fields: list[str], folder: Path) -> ManifestRow:
     column = header.index("study_id")
     study_id = fields[column].strip() if column < len(fields) else ""
@@ -108,7 +160,8 @@ def _row(line: int, header: list[str], fields: list[str], folder: Path) -> Manif
     try:
         slope, intercept = _number(record, _SLOPE), _number(record, _INTERCEPT)
         npz_spacing = _number(record, _NPZ_SPACING)
-    except ValueError as err:
+        geometry = _geometry(record)
+    except (ValueError, GeometryError) as err:
         return ManifestRow(line, study_id, error=f"line {line}: {err}")
     if npz_spacing is not None and npz_spacing <= 0:
         return ManifestRow(
@@ -125,6 +178,7 @@ def _row(line: int, header: list[str], fields: list[str], folder: Path) -> Manif
         rescale_slope=slope,
         rescale_intercept=intercept,
         npz_spacing=npz_spacing,
+        geometry=geometry,
     )
 
 

@@ -1,10 +1,11 @@
 """The ``make preprocess`` pipeline: manifest -> per-study cache, in parallel, resumable.
 
-Per study (DESIGN "Preprocessing and the cache"): load the volume (NIfTI, or ``.npz`` as the
-Rad-ChestCT release stores it), apply an external rescale only if the data are not HU yet, take the
-TotalSegmentator label map (precomputed or run here) and group it into the table's anatomies on the
-source grid, canonicalise image and anatomy map together, resample (trilinear / nearest) on one
-grid, window HU, decompose the report, write the study atomically. A study is skipped when its
+Per study: load the volume (NIfTI, or ``.npz`` as the Rad-ChestCT release stores it), apply an
+external rescale only if the data are not HU yet, take the TotalSegmentator label map (precomputed
+or run here) and group it into the table's anatomies on the source grid, canonicalise image and
+anatomy map together, record which anatomies the field of view truncates (on the original grid),
+resample (trilinear / nearest) on one grid, window HU, decompose the report, write the study
+atomically through :class:`~fvlm.preprocess.cache.StudyCache`. A study is skipped when its
 input hashes and the settings' hash match its ``meta.json``.
 
 A failure costs only its study: it is listed as failed with a one-line reason naming the file, its
@@ -16,6 +17,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import textwrap
 import threading
 import time
 from collections import Counter, deque
@@ -45,6 +47,7 @@ from .segmentation import (
     load_mask,
     run_totalsegmentator,
 )
+from .truncation import truncated_faces
 from .volume import Volume, canonicalise, load_volume, resample, window_hu
 
 __all__ = ["RunSummary", "StudyProcessor", "StudyResult", "run_preprocess"]
@@ -66,6 +69,7 @@ class StudyResult:
     outcomes: Counter = field(default_factory=Counter)
     sources: Counter = field(default_factory=Counter)
     warnings: list[str] = field(default_factory=list)
+    anatomies: dict[str, bool] = field(default_factory=dict)  # present anatomy -> complete
 
 
 def _one_line(text: str) -> str:
@@ -114,6 +118,8 @@ class StudyProcessor:
         }
         if row.npz_spacing is not None:  # the geometry of a header-less volume is an input too
             inputs["npz_spacing"] = row.npz_spacing
+        if row.geometry is not None:  # so is the metadata geometry of an identity-affine one
+            inputs["metadata_geometry"] = row.geometry.to_json()
         if self.config.segmenter == "precomputed" and row.mask is not None:
             inputs["mask"] = {"path": self._relative(row.mask)} | file_fingerprint(
                 row.mask, before.get("mask")
@@ -128,23 +134,24 @@ class StudyProcessor:
             inputs.get("report_sha256"),
             tuple(inputs.get("rescale") or ()),
             inputs.get("npz_spacing"),
+            inputs.get("metadata_geometry"),
         )
 
-    def quick_unchanged(self, row: ManifestRow) -> bool:
-        """Unchanged by file size and mtime alone (no reading), for the main process."""
+    def quick_unchanged(self, row: ManifestRow) -> dict | None:
+        """The cached ``meta.json`` if unchanged by file size and mtime alone (no reading)."""
         if self.config.force or row.error is not None or row.image is None:
-            return False
+            return None
         meta = self.cache.read_meta(row.study_id)
         if not meta or meta.get("config_hash") != self.config_hash:
-            return False
+            return None
         if not self.cache.is_complete(row.study_id):
-            return False
+            return None
         before = meta.get("inputs") or {}
         try:
             files = [(row.image, before.get("image"))]
             if self.config.segmenter == "precomputed":
                 if row.mask is None:
-                    return False
+                    return None
                 files.append((row.mask, before.get("mask")))
             for path, recorded in files:
                 stat = path.stat()
@@ -152,12 +159,15 @@ class StudyProcessor:
                     stat.st_size,
                     stat.st_mtime_ns,
                 ):
-                    return False
+                    return None
         except OSError:
-            return False
+            return None
         same_report = before.get("report_sha256") == text_fingerprint(row.findings, row.impression)
         same_rescale = before.get("rescale") == [row.rescale_slope, row.rescale_intercept]
-        return same_report and same_rescale and before.get("npz_spacing") == row.npz_spacing
+        same_geometry = before.get("npz_spacing") == row.npz_spacing and before.get(
+            "metadata_geometry"
+        ) == (row.geometry and row.geometry.to_json())
+        return meta if same_report and same_rescale and same_geometry else None
 
     # -- one study -------------------------------------------------------------------------------
 
@@ -186,10 +196,12 @@ class StudyProcessor:
                 if previous.get("inputs") != inputs:  # same content, new stat: remember it
                     self.cache.update_meta(row.study_id, previous | {"inputs": inputs})
                 result.status = "skipped"
+                result.anatomies = self.cache.anatomy_presence(previous)
                 return result
             image, anatomy, meta, report, decomposition = self._build(row, inputs, result)
             stage = "cache"
             self.cache.write_study(row.study_id, image, anatomy, meta, report)
+            result.anatomies = self.cache.anatomy_presence(meta)
             result.outcomes = Counter(decomposition.outcomes)
             result.sources = Counter(d.source for d in decomposition.anatomies.values())
         except _StudyError as err:
@@ -212,17 +224,22 @@ class StudyProcessor:
         """The four cache files of one study (image, anatomy, meta, report) + its decomposition."""
         config = self.config
         with _stage(f"image {self._relative(row.image)}"):
-            loaded = load_volume(row.image, row.npz_spacing)
+            loaded = load_volume(row.image, row.npz_spacing, row.geometry, config.geometry_rule)
             decision = decide_rescale(
                 loaded.volume.data, row.rescale_slope, row.rescale_intercept, config.rescale
             )
             hu = Volume(apply_rescale(loaded.volume.data, decision), loaded.volume.affine)
         if decision.warning:
             result.warnings.append(f"{row.study_id}: {decision.warning}")
+        if loaded.geometry.get("warning"):
+            result.warnings.append(f"{row.study_id}: {loaded.geometry['warning']}")
         grouped, segmentation = self._anatomy_map(row, hu)
         with _stage(f"resampling {self._relative(row.image)}"):
             canonical, orientation = canonicalise(hu)
             canonical_anatomy, _ = canonicalise(Volume(grouped, hu.affine))
+            cut = truncated_faces(
+                canonical_anatomy.data, canonical_anatomy.spacing, config.truncation_margin_mm
+            )
             volume = resample(canonical, config.spacing, "linear")
             anatomy = resample(canonical_anatomy, config.spacing, "nearest").data
             image = window_hu(volume.data, config.hu_window).astype(np.float16)
@@ -236,6 +253,7 @@ class StudyProcessor:
             "hu_window": list(config.hu_window),
             "table": self.table.name,
             "orientation": orientation,
+            "geometry": loaded.geometry,
             "rescale": decision.to_json()
             | {
                 "nifti_scl_slope": loaded.scl_slope,
@@ -243,7 +261,7 @@ class StudyProcessor:
                 "stored_dtype": loaded.stored_dtype,
             },
             "segmentation": segmentation,
-            "anatomies": anatomy_stats(anatomy, self.table),
+            "anatomies": _with_truncation(anatomy_stats(anatomy, self.table), cut, self.table),
             "inputs": inputs,
             "config_hash": self.config_hash,
             "settings": self.settings,
@@ -266,7 +284,7 @@ class StudyProcessor:
         if config.segmenter == "precomputed":
             with _stage(f"mask {self._relative(row.mask)}"):
                 labels = load_mask(row.mask, hu)
-                version, why = detect_totalseg_version(labels, hu.affine, config.totalseg_version)
+                version, why = detect_totalseg_version(labels, config.totalseg_version, row.mask)
                 grouped = self.table.group(labels, version)
         else:
             with _stage(f"TotalSegmentator on {self._relative(row.image)}"):
@@ -276,6 +294,21 @@ class StudyProcessor:
                 grouped = self.table.group(labels, version)
         record = {"segmenter": config.segmenter, "totalseg_version": version, "version_reason": why}
         return grouped, record
+
+
+def _with_truncation(
+    stats: dict[str, dict], cut: dict[int, list[str]], table: AnatomyTable
+) -> dict[str, dict]:
+    """Add ``truncated`` and ``truncated_faces`` (field of view, original grid) to each anatomy.
+
+    ``truncated_faces`` lists every face the mask reaches; ``truncated`` ignores the anatomy's
+    ``open_ends`` (the aorta leaving a chest scan at its last slice is still complete).
+    """
+    for name, entry in stats.items():
+        faces = cut.get(entry["id"], [])
+        closed = [face for face in faces if face not in table[name].open_ends]
+        entry |= {"truncated": bool(closed), "truncated_faces": faces}
+    return stats
 
 
 class _StudyError(Exception):
@@ -324,6 +357,21 @@ class RunSummary:
         return sum((r.sources for r in self.results), Counter())
 
     @property
+    def anatomy_counts(self) -> dict[str, tuple[int, int]]:
+        """Per anatomy, ``(present, complete)`` study counts over the ok and skipped studies.
+
+        Complete means present and not truncated by the scan's field of view: only those can
+        ever be valid in the loss, so a low ratio warns before any training starts.
+        """
+        counts: dict[str, list[int]] = {}
+        for result in self.results:
+            for name, complete in result.anatomies.items():
+                entry = counts.setdefault(name, [0, 0])
+                entry[0] += 1
+                entry[1] += int(complete)
+        return {name: (present, complete) for name, (present, complete) in counts.items()}
+
+    @property
     def exit_code(self) -> int:
         """0 when nothing failed, else 1."""
         return 1 if any(r.status == "failed" for r in self.results) else 0
@@ -349,6 +397,16 @@ class RunSummary:
                 + _counts(self.sources)
                 + "; outcomes "
                 + _counts(self.outcomes)
+            )
+        if anatomies := self.anatomy_counts:
+            usable = status["ok"] + status["skipped"]
+            lines.append(
+                f"  anatomies in {usable} studies, present/complete (complete = not truncated "
+                "by the field of view):"
+            )
+            pairs = ", ".join(f"{n} {p}/{c}" for n, (p, c) in anatomies.items())
+            lines.extend(
+                textwrap.wrap(pairs, width=100, initial_indent="    ", subsequent_indent="    ")
             )
         failed = [r for r in self.results if r.status == "failed"]
         for result in failed[:max_failures]:
@@ -492,8 +550,14 @@ def run_preprocess(
     with cache.lock():
         todo = []
         for row in manifest.rows:
-            if processor.quick_unchanged(row):
-                results[row.line] = StudyResult(row.line, row.study_id, row.split, "skipped")
+            if (meta := processor.quick_unchanged(row)) is not None:
+                results[row.line] = StudyResult(
+                    row.line,
+                    row.study_id,
+                    row.split,
+                    "skipped",
+                    anatomies=StudyCache.anatomy_presence(meta),
+                )
             elif row.error is not None:
                 results[row.line] = processor.process(row)
             else:

@@ -7,12 +7,15 @@ weights up front, exactly where TotalSegmentator will look, and fails at once wi
 
 A label map comes from TotalSegmentator v1 (104 classes, used by the paper) or v2 (117 classes,
 the ``total`` task of TotalSegmentator 2); their class ids differ from id 7 on, so the version
-must be known before grouping. :func:`detect_totalseg_version` tells them apart.
+must be known before grouping. :func:`detect_totalseg_version` tells them apart from what no wrong
+affine can flip: the class names TotalSegmentator writes into the file, the ids present and their
+voxel counts; a map they cannot decide is an error, not a guess.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -22,14 +25,17 @@ from scipy import ndimage
 
 from fvlm.anatomy import AnatomyTable, totalsegmentator_classes
 
+from .geometry import header_problem
 from .volume import Volume
 
 __all__ = [
     "TotalSegmentatorUnavailable",
+    "UndecidableVersion",
     "anatomy_stats",
     "check_totalsegmentator",
     "detect_totalseg_version",
     "load_mask",
+    "mask_class_names",
     "run_totalsegmentator",
     "totalsegmentator_weights",
 ]
@@ -37,13 +43,19 @@ __all__ = [
 VersionOption = Literal["auto", "v1", "v2"]
 _V1_MAX_ID = 104
 _AFFINE_ATOL_MM = 1e-3
-_CENTROID_SAMPLES = 250_000
-_VERTEBRAE = (
-    [f"vertebrae_C{i}" for i in range(1, 8)]
-    + [f"vertebrae_T{i}" for i in range(1, 13)]
-    + [f"vertebrae_L{i}" for i in range(1, 6)]
-    + ["vertebrae_S1"]
-)
+# Ids whose classes are large in one version and small in the other, as (large in v2, large in
+# v1): v2's lung lobes 10-12 are v1's pancreas and adrenals, v1's lobes 15-17 are v2's esophagus,
+# trachea and thyroid; v2's bowel 18-20 are v1's lumbar vertebrae, v1's bowel 55-57 are v2's neck
+# arteries; v2's heart 51 is v1's iliac artery, v1's heart chambers 44-48 are v2's cervical
+# vertebrae. Voxel counts do not depend on the affine, their ratios not even on the spacing.
+_SIZE_CONTRASTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "lung lobes": ((10, 11, 12), (15, 16, 17)),
+    "bowel": ((18, 19, 20), (55, 56, 57)),
+    "heart": ((51,), (44, 45, 46, 47, 48)),
+}
+_CONTRAST_RATIO = 4.0  # the large side must hold this many times the voxels of the small side
+_CONTRAST_MIN_VOXELS = 50  # ... and at least this many voxels
+_SHARED_IDS = frozenset(range(1, 7))  # spleen .. stomach: the same classes in v1 and v2
 
 
 class TotalSegmentatorUnavailable(RuntimeError):
@@ -99,7 +111,8 @@ def check_totalsegmentator(fast: bool) -> None:
         "TOTALSEG_WEIGHTS_PATH (the results folder) or TOTALSEG_HOME_DIR at a copy; "
         "(2) import downloaded weight zips with `totalseg_import_weights -i <file.zip>`; or "
         "(3) segment elsewhere and use precomputed masks: add a `mask` column to the manifest "
-        "and set `segmenter: precomputed`."
+        "and set `segmenter: precomputed` (`fvlm eval-ctrate` / `eval-radchestct`: pass "
+        "`--masks DIR` of maps named like the volumes, or `make eval-ctrate MASKS=DIR`)."
     )
 
 
@@ -119,8 +132,17 @@ def run_totalsegmentator(image: nib.Nifti1Image, fast: bool, device: str) -> np.
     return labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int16)
 
 
+class UndecidableVersion(ValueError):
+    """A label map's TotalSegmentator version cannot be told from its content."""
+
+
 def load_mask(path: str | Path, image: Volume) -> np.ndarray:
     """Read a precomputed TotalSegmentator label map and check it lies on the image's grid.
+
+    A mask whose own affine is uninformative (identity, no transform; see
+    :func:`fvlm.preprocess.geometry.header_problem`) carries no geometry to compare: it is taken
+    to lie on the image's grid when the shapes agree (a map TotalSegmentator wrote for an
+    identity-affine CT-RATE volume has the identity too).
 
     Raises:
         ValueError: Shape or affine differ from the image's (beyond 1 micrometre), or the map
@@ -132,7 +154,9 @@ def load_mask(path: str | Path, image: Volume) -> np.ndarray:
         data = data[..., 0]
     if data.shape != image.data.shape:
         raise ValueError(f"mask shape {data.shape} differs from image shape {image.data.shape}")
-    if not np.allclose(mask.affine, image.affine, rtol=0.0, atol=_AFFINE_ATOL_MM):
+    codes = (int(mask.header["qform_code"]), int(mask.header["sform_code"]))
+    informative = header_problem(mask.affine, transform_codes=codes) is None
+    if informative and not np.allclose(mask.affine, image.affine, rtol=0.0, atol=_AFFINE_ATOL_MM):
         worst = float(np.abs(mask.affine - image.affine).max())
         raise ValueError(f"mask affine differs from the image affine (by up to {worst:.4g} mm)")
     if data.dtype.kind == "f":
@@ -147,52 +171,85 @@ def load_mask(path: str | Path, image: Volume) -> np.ndarray:
     return data.astype(np.int32 if data.max(initial=0) > 255 else np.uint8)
 
 
+def mask_class_names(path: str | Path) -> dict[int, str] | None:
+    """Class id -> name from the label table TotalSegmentator writes into a mask's header.
+
+    TotalSegmentator stores it as an XML NIfTI extension (``<Label Key="5">...liver...``); masks
+    from other tools have none (``None``).
+    """
+    image = nib.load(str(path))
+    for extension in getattr(image.header, "extensions", []):
+        text = extension.get_content()
+        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+        names = dict(_LABEL_ENTRY.findall(text))
+        if names:
+            return {int(k): v.strip() for k, v in names.items()}
+    return None
+
+
+_LABEL_ENTRY = re.compile(r'<Label Key="(\d+)"[^>]*><!\[CDATA\[([^\]]*)\]\]></Label>')
+
+
 def detect_totalseg_version(
-    labels: np.ndarray, affine: np.ndarray, option: VersionOption = "auto"
+    labels: np.ndarray, option: VersionOption = "auto", path: str | Path | None = None
 ) -> tuple[Literal["v1", "v2"], str]:
     """Which TotalSegmentator class map ``labels`` uses, and why (recorded in ``meta.json``).
 
-    Ids above 104 exist only in v2. Below that both maps are possible, so each reading is scored
-    on anatomy it implies: a class named ``*_right`` must lie on the patient's right of its
-    ``*_left`` partner, and vertebrae must stack C1 (top) to S1; the better-scoring reading wins.
-    A tie (too few such classes present) falls back to v2, the map TotalSegmentator 2 writes.
+    In order: the config (``v1``/``v2``); the class names in the file's header (``path``), when
+    TotalSegmentator wrote them; an id above 104 (only v2 has one); only ids 1-6 present (the
+    same classes in both, so either reading is right: v2); else voxel counts of classes that are
+    large in one version and small in the other (:data:`_SIZE_CONTRASTS`), which every contrast
+    with enough voxels must agree on. Nothing here depends on the affine, so a wrong one (an
+    identity affine, a flipped axis) cannot change the answer.
+
+    Raises:
+        UndecidableVersion: The evidence is absent or contradictory; the message names ``path``
+            and says how to settle it (``totalseg_version``).
     """
     if option in ("v1", "v2"):
         return option, "set by config"
     if option != "auto":
         raise ValueError(f"totalseg_version must be 'auto', 'v1' or 'v2', got {option!r}")
-    top = int(labels.max(initial=0))
+    where = f"{path}: " if path is not None else ""
+    names = mask_class_names(path) if path is not None else None
+    if names:
+        for version in ("v2", "v1"):
+            classes = totalsegmentator_classes(version)
+            if all(classes.get(cid) == name for cid, name in names.items()):
+                return (
+                    version,
+                    f"auto: the {len(names)} class names in the mask header are {version}'s",
+                )
+        raise UndecidableVersion(
+            f"{where}the class names in the mask header match neither TotalSegmentator v1 nor "
+            "v2; set totalseg_version"
+        )
+    counts = np.bincount(np.asarray(labels).ravel())
+    present = {int(i) for i in np.flatnonzero(counts)} - {0}
+    top = max(present, default=0)
     if top > _V1_MAX_ID:
         return "v2", f"auto: class id {top} > {_V1_MAX_ID} exists only in v2"
-    step = max(1, round((labels.size / _CENTROID_SAMPLES) ** (1 / 3)))
-    coarse = labels[::step, ::step, ::step]  # a subsample is plenty for centroids
-    ids = [int(i) for i in np.unique(coarse) if i]
-    if not ids:
-        return "v2", "auto: empty label map; assumed v2"
-    centres = ndimage.center_of_mass(np.ones(coarse.shape, dtype=np.float32), coarse, ids)
-    world = {
-        cid: (affine @ np.array([*(step * np.asarray(c)), 1.0]))[:3]
-        for cid, c in zip(ids, centres, strict=True)
-    }
-    scores = {v: _plausibility(world, totalsegmentator_classes(v)) for v in ("v1", "v2")}
-    if scores["v1"] > scores["v2"]:
-        return "v1", f"auto: anatomy plausibility v1 {scores['v1']} > v2 {scores['v2']}"
-    if scores["v2"] > scores["v1"]:
-        return "v2", f"auto: anatomy plausibility v2 {scores['v2']} > v1 {scores['v1']}"
-    return "v2", f"auto: ambiguous (plausibility {scores['v2']} for both); assumed v2"
-
-
-def _plausibility(world: dict[int, np.ndarray], classes: dict[int, str]) -> int:
-    """+1 per left/right pair or vertebra pair in the right place, -1 per one in the wrong place."""
-    at = {classes[cid]: xyz for cid, xyz in world.items() if cid in classes}
-    score = 0
-    for name, xyz in at.items():
-        if name.endswith("_right") and (left := at.get(name[: -len("right")] + "left")) is not None:
-            score += 1 if xyz[0] > left[0] else -1  # RAS+: x grows towards the patient's right
-    present = [at[name] for name in _VERTEBRAE if name in at]
-    for upper, lower in zip(present, present[1:], strict=False):
-        score += 1 if upper[2] > lower[2] else -1
-    return score
+    if present <= _SHARED_IDS:
+        return "v2", "auto: only ids 1-6 present, the same classes in v1 and v2"
+    votes: dict[str, str] = {}
+    for name, (large_v2, large_v1) in _SIZE_CONTRASTS.items():
+        v2_side = int(counts[[i for i in large_v2 if i < counts.size]].sum())
+        v1_side = int(counts[[i for i in large_v1 if i < counts.size]].sum())
+        if max(v2_side, v1_side) < _CONTRAST_MIN_VOXELS:
+            continue
+        if v2_side >= _CONTRAST_RATIO * v1_side:
+            votes[name] = f"v2 ({name}: {v2_side} vs {v1_side} voxels)"
+        elif v1_side >= _CONTRAST_RATIO * v2_side:
+            votes[name] = f"v1 ({name}: {v1_side} vs {v2_side} voxels)"
+    decided = {vote[:2] for vote in votes.values()}
+    if len(decided) == 1:
+        return decided.pop(), "auto: class sizes say " + "; ".join(votes.values())  # type: ignore[return-value]
+    what = "contradict each other" if decided else "are absent or too small to tell"
+    raise UndecidableVersion(
+        f"{where}TotalSegmentator version undecidable: ids <= {_V1_MAX_ID} only, no class names "
+        f"in the header, and the class sizes that differ between v1 and v2 {what}; set "
+        "totalseg_version to v1 or v2"
+    )
 
 
 def anatomy_stats(anatomy: np.ndarray, table: AnatomyTable) -> dict[str, dict]:

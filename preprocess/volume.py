@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import nibabel as nib
 import numpy as np
 from nibabel import orientations
+
+from .geometry import GeometryRule, MetadataGeometry, resolve_geometry
 
 __all__ = [
     "CANONICAL_AXCODES",
@@ -84,17 +86,19 @@ class Volume:
 
 @dataclass(frozen=True)
 class NiftiVolume:
-    """A loaded volume plus what the file said about its own intensity scaling.
+    """A loaded volume plus what the file said about its own intensity scaling and geometry.
 
     ``scl_slope``/``scl_inter`` are part of the NIfTI encoding and are always applied (as nibabel
     does); they are recorded because a second, external rescale must not repeat them. An ``.npz``
-    volume has no such scaling (1 and 0).
+    volume has no such scaling (1 and 0). ``geometry`` records where the affine came from (header
+    or metadata, and why; see :mod:`fvlm.preprocess.geometry`), for ``meta.json``.
     """
 
     volume: Volume
     scl_slope: float
     scl_inter: float
     stored_dtype: str
+    geometry: dict = field(default_factory=dict)
 
 
 def voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
@@ -103,26 +107,38 @@ def voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(s) for s in sizes)  # type: ignore[return-value]
 
 
-def load_nifti(path: str | Path) -> NiftiVolume:
-    """Read a 3D NIfTI volume with its header scaling applied.
+def load_nifti(
+    path: str | Path,
+    metadata: MetadataGeometry | None = None,
+    rule: GeometryRule | None = None,
+) -> NiftiVolume:
+    """Read a 3D NIfTI volume with its header scaling applied and its geometry decided.
 
-    Integer data without header scaling stay integer (half the memory of float32 until the first
-    resampling pass); scaled data become float32 rather than nibabel's float64.
+    The geometry (header affine, or ``metadata`` where the header is uninformative; see
+    :func:`fvlm.preprocess.geometry.resolve_geometry`) is decided and bounded from the header
+    alone, before any voxel is read. Integer data without header scaling stay integer (half the
+    memory of float32 until the first resampling pass); scaled data become float32 rather than
+    nibabel's float64.
 
     Raises:
         ValueError: The file is not a 3D volume or holds non-finite values.
+        GeometryError: No usable or plausible geometry, or an output grid over the budget.
         OSError, EOFError, nibabel.filebasedimages.ImageFileError: Missing, truncated or corrupt
             files, as nibabel and gzip report them.
     """
     image = nib.load(str(path))
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise ValueError(f"not a NIfTI image ({type(image).__name__})")
+    shape = tuple(int(n) for n in image.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise ValueError(f"expected a 3D volume, got shape {tuple(image.shape)}")
+    codes = (int(image.header["qform_code"]), int(image.header["sform_code"]))
+    affine, geometry = resolve_geometry(image.affine, shape, metadata, rule, codes)
     proxy = image.dataobj
     raw = np.asarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
-    while raw.ndim > 3 and raw.shape[-1] == 1:
-        raw = raw[..., 0]
-    if raw.ndim != 3:
-        raise ValueError(f"expected a 3D volume, got shape {tuple(image.shape)}")
+    raw = raw.reshape(shape)
     slope = float(getattr(proxy, "slope", 1.0))
     inter = float(getattr(proxy, "inter", 0.0))
     if slope != 1.0 or inter != 0.0 or raw.dtype.kind == "f":
@@ -135,7 +151,7 @@ def load_nifti(path: str | Path) -> NiftiVolume:
             raise ValueError("image holds NaN or infinite values")
     else:
         data = raw
-    return NiftiVolume(Volume(data, image.affine.astype(np.float64)), slope, inter, str(raw.dtype))
+    return NiftiVolume(Volume(data, affine), slope, inter, str(raw.dtype), geometry)
 
 
 def npz_affine(spacing: float = NPZ_SPACING_MM) -> np.ndarray:
@@ -148,10 +164,17 @@ def npz_affine(spacing: float = NPZ_SPACING_MM) -> np.ndarray:
     )
 
 
-def load_npz(path: str | Path, spacing: float | None = None) -> NiftiVolume:
+def load_npz(
+    path: str | Path,
+    spacing: float | None = None,
+    metadata: MetadataGeometry | None = None,
+    rule: GeometryRule | None = None,
+) -> NiftiVolume:
     """Read an ``.npz`` volume (array ``ct`` in HU, axes I, P, L) with :func:`npz_affine`.
 
     Integer voxels stay integer (int16 when they fit, as HU always do); floats become float32.
+    :func:`npz_affine` stands for the header: ``metadata`` replaces it only where ``rule`` says
+    ``metadata``; the spacing is bounded as for NIfTI (before resampling).
 
     Raises:
         ValueError: The file is not a readable ``.npz`` archive, lacks the ``ct`` array, or the
@@ -186,20 +209,30 @@ def load_npz(path: str | Path, spacing: float | None = None) -> NiftiVolume:
             raise ValueError(f"{path}: array {NPZ_KEY!r} holds NaN or infinite values")
     else:
         raise ValueError(f"{path}: array {NPZ_KEY!r} has non-numeric dtype {raw.dtype}")
-    return NiftiVolume(Volume(data, affine), 1.0, 0.0, str(raw.dtype))
+    affine, geometry = resolve_geometry(affine, data.shape, metadata, rule)
+    geometry["reason"] = f"npz layout {''.join(NPZ_AXCODES)}: {geometry['reason']}"
+    return NiftiVolume(Volume(data, affine), 1.0, 0.0, str(raw.dtype), geometry)
 
 
-def load_volume(path: str | Path, npz_spacing: float | None = None) -> NiftiVolume:
+def load_volume(
+    path: str | Path,
+    npz_spacing: float | None = None,
+    metadata: MetadataGeometry | None = None,
+    rule: GeometryRule | None = None,
+) -> NiftiVolume:
     """Read a CT volume by its suffix: ``.npz`` with :func:`load_npz`, else NIfTI.
 
     Args:
         path: ``.nii``/``.nii.gz`` (geometry from the header) or ``.npz`` (see :func:`load_npz`).
         npz_spacing: isotropic voxel size (mm) of an ``.npz`` volume (default 0.8); NIfTI
-            volumes ignore it, their header is the authority.
+            volumes ignore it.
+        metadata: the dataset's own geometry of this volume, used where the header says nothing
+            (see :mod:`fvlm.preprocess.geometry`).
+        rule: how geometry is decided and bounded (default: :class:`GeometryRule`).
     """
     if Path(path).suffix.lower() == ".npz":
-        return load_npz(path, npz_spacing)
-    return load_nifti(path)
+        return load_npz(path, npz_spacing, metadata, rule)
+    return load_nifti(path, metadata, rule)
 
 
 def canonicalise(volume: Volume) -> tuple[Volume, dict]:

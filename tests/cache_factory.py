@@ -1,4 +1,4 @@
-"""Tiny but realistic preprocessing caches, written in the exact format of docs/architecture.md.
+"""Tiny but realistic preprocessing caches, written through the cache contract (``StudyCache``).
 
 Shared by the training tests and ``benchmarks/bench_train.py`` so that both exercise the real
 ``CTReportDataModule`` on data shaped like ``fvlm preprocess`` output: a windowed float16 body with
@@ -16,14 +16,13 @@ so they never overlap and a crop a little smaller than the volume keeps most of 
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from fvlm.anatomy import Anatomy, AnatomyTable, load_anatomy_table
+from fvlm.preprocess.cache import StudyCache
 
 __all__ = [
     "DEFAULT_ANATOMIES",
@@ -193,7 +192,13 @@ def write_study(
         bbox = None
         if len(where):
             bbox = [[int(lo), int(hi) + 1] for lo, hi in zip(where.min(0), where.max(0))]  # noqa: B905
-        stats[anatomy.name] = {"id": anatomy.id, "voxels": len(where), "bbox": bbox}
+        stats[anatomy.name] = {
+            "id": anatomy.id,
+            "voxels": len(where),
+            "bbox": bbox,
+            "truncated": False,  # organs sit inside their grid cells, never cut by the scan
+            "truncated_faces": [],
+        }
     meta = {
         "study_id": study_id,
         "shape": list(shape),
@@ -203,13 +208,10 @@ def write_study(
         "orientation": {"source_axcodes": "SAR", "canonical_axcodes": "SAR", "transform": []},
         "anatomies": stats,
     }
-    folder = cache / "studies" / study_id
-    folder.mkdir(parents=True, exist_ok=False)
-    np.save(folder / "image.npy", image.astype(np.float16))
-    np.save(folder / "anatomy.npy", labels)
-    (folder / "meta.json").write_text(json.dumps(meta))
+    if StudyCache(cache).study_dir(study_id).exists():
+        raise FileExistsError(f"study {study_id!r} is already in {cache}")
     report = study_report(table, present, abnormal, rng) | {"study_id": study_id}
-    (folder / "report.json").write_text(json.dumps(report))
+    StudyCache(cache).write_study(study_id, image.astype(np.float16), labels, meta, report)
 
 
 def write_cache(
@@ -262,10 +264,7 @@ def write_cache(
                 if f
             }
             write_study(cache, study_id, table, shape, names, abnormal, rng)
-            rows.append({"study_id": study_id, "split": split, "status": "ok", "reason": ""})
-    rows.append({"study_id": "failed_000", "split": "train", "status": "failed", "reason": "test"})
-    with (cache / "manifest.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["study_id", "split", "status", "reason"])
-        writer.writeheader()
-        writer.writerows(rows)
+            rows.append((study_id, split, "ok", ""))
+    rows.append(("failed_000", "train", "failed", "test"))
+    StudyCache(cache).write_manifest(rows)
     return cache

@@ -1,8 +1,9 @@
 """A real HTTP server on 127.0.0.1 that speaks OpenAI chat completions, with scripted behaviour.
 
 Tests hand it a ``responder`` that sees every request (its arrival index, headers and JSON body)
-and returns a :class:`Reply`: an answer, an HTTP error status, a delay (to provoke client timeouts)
-or any combination. The server records every request and the peak number in flight.
+and returns a :class:`Reply`: an answer, an HTTP error status, response headers (``Retry-After``),
+a raw body that is no completion, a delay (to provoke client timeouts) or any combination. The
+server records every request and the peak number in flight.
 """
 
 from __future__ import annotations
@@ -21,10 +22,16 @@ class Request:
     index: int
     headers: dict[str, str]
     body: dict[str, Any]
+    received: float  # time.monotonic() at arrival
 
     @property
     def prompt(self) -> str:
         return self.body["messages"][-1]["content"]
+
+    @property
+    def retry_count(self) -> int:
+        """Which retry of one client call this request is (the openai client's own header)."""
+        return int(self.headers.get("x-stainless-retry-count", 0))
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,8 @@ class Reply:
     content: str | None = None
     status: int = 200
     delay_s: float = 0.0
+    headers: tuple[tuple[str, str], ...] = ()
+    raw_body: str | None = None
 
 
 Responder = Callable[[Request], Reply]
@@ -68,7 +77,7 @@ class StubOpenAIServer:
 
     def _handle(self, headers: dict[str, str], body: dict[str, Any]) -> Reply:
         with self._lock:
-            request = Request(len(self.requests), headers, body)
+            request = Request(len(self.requests), headers, body, time.monotonic())
             self.requests.append(request)
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
@@ -98,17 +107,24 @@ class StubOpenAIServer:
                     return
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 reply = server._handle(headers, body)
-                if reply.status != 200:
-                    self._send(reply.status, {"error": {"message": "scripted failure"}})
-                    return
-                self._send(200, _completion(body.get("model", ""), reply.content or ""))
+                if reply.raw_body is not None:
+                    payload: Any = reply.raw_body
+                elif reply.status != 200:
+                    payload = {"error": {"message": "scripted failure"}}
+                else:
+                    payload = _completion(body.get("model", ""), reply.content or "")
+                self._send(reply.status, payload, reply.headers)
 
-            def _send(self, status: int, payload: dict[str, Any]) -> None:
-                data = json.dumps(payload).encode()
+            def _send(
+                self, status: int, payload: Any, headers: tuple[tuple[str, str], ...] = ()
+            ) -> None:
+                data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
+                    for name, value in headers:
+                        self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import yaml
 
-from fvlm.anatomy import AnatomyTableError, load_anatomy_table, totalsegmentator_classes
+from fvlm.anatomy import (
+    AnatomyTable,
+    AnatomyTableError,
+    keyword_pattern,
+    load_anatomy_table,
+    normalize_keyword,
+    totalsegmentator_classes,
+)
 
 
 def test_paper_preset_is_tab6_as_printed():
@@ -20,8 +27,8 @@ def test_paper_preset_is_tab6_as_printed():
     assert "vertebrae_S1" in table["sacrum"].totalseg_v2
 
 
-def test_paper_preset_has_the_54_diseases():
-    table = load_anatomy_table("paper")
+def test_paper_preset_has_the_54_diseases(paper_table: AnatomyTable):
+    table = paper_table
     paper = table.diseases("paper")
     assert len(paper) == 54
     per_anatomy = {}
@@ -39,17 +46,16 @@ def test_paper_preset_has_the_54_diseases():
     assert "liver/steatosis" in keys
 
 
-def test_chest_preset_scores_all_18_ctrate_labels():
-    table = load_anatomy_table("chest")
+def test_chest_preset_scores_all_18_ctrate_labels(chest_table: AnatomyTable):
+    table = chest_table
     labels = {d.label for d in table.diseases("ctrate")}
     assert len(labels) == 18
     assert {"Medical material", "Lymphadenopathy"} <= {d.label for d in table.global_diseases}
     assert all(d.key.startswith("global/") for d in table.global_diseases)
 
 
-def test_every_class_is_a_real_totalsegmentator_class():
-    for preset in ("paper", "chest"):
-        table = load_anatomy_table(preset)
+def test_every_class_is_a_real_totalsegmentator_class(paper_table, chest_table):
+    for table in (paper_table, chest_table):
         for version in ("v1", "v2"):
             known = set(totalsegmentator_classes(version).values())
             for anatomy in table.anatomies:
@@ -65,8 +71,8 @@ def _label_map(version: str, names: list[str], rng: np.random.Generator) -> np.n
     return lut[layout], layout
 
 
-def test_v1_and_v2_label_maps_group_to_the_same_anatomy_ids():
-    table = load_anatomy_table("paper")
+def test_v1_and_v2_label_maps_group_to_the_same_anatomy_ids(paper_table: AnatomyTable):
+    table = paper_table
     shared = [
         "liver", "spleen", "kidney_left", "lung_upper_lobe_right", "duodenum", "small_bowel",
         "vertebrae_L3", "rib_left_7", "aorta", "urinary_bladder", "gluteus_medius_right",
@@ -91,8 +97,8 @@ def test_v1_and_v2_label_maps_group_to_the_same_anatomy_ids():
     assert table.group(np.array([ids_v2["skull"]]), "v2")[0] == 0
 
 
-def test_group_rejects_foreign_class_ids():
-    table = load_anatomy_table("paper")
+def test_group_rejects_foreign_class_ids(paper_table: AnatomyTable):
+    table = paper_table
     with pytest.raises(ValueError, match="outside TotalSegmentator v1"):
         table.group(np.array([[200]]), "v1")
     with pytest.raises(ValueError, match="'v1' or 'v2'"):
@@ -148,3 +154,32 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("anatomies: [\n")
     with pytest.raises(AnatomyTableError, match="not valid YAML"):
         load_anatomy_table(bad)
+
+
+# -- keywords ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("Small bowel loops.", ["Small bowel"]),
+        ("SMALL-BOWEL obstruction.", ["SMALL-BOWEL"]),
+        ("Small\n   bowel loops.", ["Small\n   bowel"]),  # a line break inside the keyword
+        ("Small bowels.", []),  # whole words only
+        ("smallbowel", []),
+        ("The pulmonary artery and a pulmonary nodule.", ["pulmonary artery", "pulmonary"]),
+        ("Contrast delivered via a ribbon catheter.", []),  # no "liver" in "delivered"
+        ("Changes at L4-L5, not at L45.", ["L4"]),  # a hyphen ends a word, a digit does not
+    ],
+)
+def test_keyword_pattern_is_whole_word_gap_tolerant_and_longest_first(text, found):
+    pattern = keyword_pattern(["small bowel", "pulmonary", "pulmonary artery", "liver", "L4"])
+    assert [m.group(0) for m in pattern.finditer(text)] == found
+
+
+def test_keyword_normalisation_and_blank_keywords():
+    assert normalize_keyword("  Small -\n Bowel ") == "small bowel"
+    # Duplicates after normalisation compile to one alternative.
+    assert keyword_pattern(["Small-bowel", "small bowel"]).pattern.count("small") == 1
+    with pytest.raises(ValueError, match="non-blank keyword"):
+        keyword_pattern(["", "  "])

@@ -7,11 +7,14 @@ import pytest
 
 from fvlm.crop import (
     anatomy_aware_crop_box,
+    anatomy_aware_crop_boxes,
     bboxes_to_array,
     center_crop_start,
     crop_array,
     crop_pad_width,
+    crop_starts_holding,
     crop_valid,
+    crops_valid,
     draw_flip_axes,
     random_crop_start,
     random_flip,
@@ -223,5 +226,90 @@ def test_random_flip_is_consistent() -> None:
     ],
 )
 def test_ill_arg(call) -> None:
+    with pytest.raises(ValueError):
+        call()
+
+
+def random_studies(rng: np.random.Generator, n: int, a: int) -> tuple[np.ndarray, np.ndarray]:
+    shapes = rng.integers(4, 40, size=(n, 3))
+    boxes = np.stack([random_boxes(rng, shape, a) for shape in shapes])
+    return shapes, boxes
+
+
+def test_batched_crop_holds_its_anatomy_and_stays_in_range() -> None:
+    rng = np.random.default_rng(0)
+    shapes, boxes = random_studies(rng, 2000, 5)
+    crop = np.array([12, 20, 8])
+    complete = rng.random((2000, 5)) < 0.8
+    starts, index = anatomy_aware_crop_boxes(shapes, tuple(crop), boxes, rng, complete)
+    eligible = (
+        (boxes[..., 1] > boxes[..., 0]).all(-1)
+        & ((boxes[..., 1] - boxes[..., 0]) <= crop).all(-1)
+        & complete
+    )
+    assert ((index == -1) == ~eligible.any(axis=1)).all()
+    chosen = np.flatnonzero(index >= 0)
+    assert eligible[chosen, index[chosen]].all()
+    valid = crops_valid(boxes, starts, tuple(crop), complete)
+    assert valid[chosen, index[chosen]].all()
+    small = shapes < crop
+    assert np.where(small, starts <= 0, starts >= 0).all()
+    assert np.where(small, starts + crop >= shapes, starts + crop <= shapes).all()
+    # crops_valid equals crop_valid row by row, and truncated anatomies are never valid.
+    for i in range(50):
+        assert (valid[i] == crop_valid(boxes[i], starts[i], tuple(crop), complete[i])).all()
+    assert not valid[~complete].any()
+
+
+def test_batched_crop_draws_the_scalar_distribution() -> None:
+    # One study drawn many times by both functions: same anatomy shares and validity rates.
+    boxes = np.array(
+        [[[2, 10], [0, 6], [0, 20]], [[12, 30], [2, 8], [5, 9]], [[0, 40], [0, 2], [0, 2]]]
+    )
+    shape, crop, n = (40, 10, 30), (20, 10, 16), 6000
+    rng = np.random.default_rng(0)
+    scalar = [anatomy_aware_crop_box(shape, crop, boxes, rng) for _ in range(n)]
+    scalar_valid = np.mean([crop_valid(boxes, s, crop) for s, _ in scalar], axis=0)
+    starts, index = anatomy_aware_crop_boxes(shape, crop, np.repeat(boxes[None], n, 0), rng)
+    batched_valid = crops_valid(np.repeat(boxes[None], n, 0), starts, crop).mean(axis=0)
+    assert np.abs(scalar_valid - batched_valid).max() < 0.03
+    shares = np.bincount([i for _, i in scalar], minlength=3) / n
+    assert np.abs(shares - np.bincount(index, minlength=3) / n).max() < 0.03
+    assert shares[2] == 0  # larger than the crop: never chosen
+
+
+def test_truncated_anatomy_is_never_chosen_nor_valid() -> None:
+    boxes = np.array([[[0, 4], [0, 4], [0, 4]], [[4, 8], [4, 8], [4, 8]]])
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        start, index = anatomy_aware_crop_box((8, 8, 8), (8, 8, 8), boxes, rng, [False, True])
+        assert index == 1
+        assert crop_valid(boxes, start, (8, 8, 8), [False, True]).tolist() == [False, True]
+    _, index = anatomy_aware_crop_box((8, 8, 8), (8, 8, 8), boxes, rng, [False, False])
+    assert index == -1
+
+
+def test_crop_starts_holding() -> None:
+    boxes = np.array([[[10, 12], [0, 1], [0, 1]], [[0, 20], [0, 1], [0, 1]]])
+    first, last = crop_starts_holding((20, 1, 1), (5, 1, 1), boxes)
+    assert first[0].tolist() == [7, 0, 0] and last[0].tolist() == [10, 0, 0]
+    assert first[1, 0] > last[1, 0]  # larger than the crop: no start holds it
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: anatomy_aware_crop_boxes((8, 8, 8), (4, 4, 4), np.zeros((1, 3, 2), int), None),
+        lambda: anatomy_aware_crop_boxes(
+            (8, 8, 8), (4, 4, 4), np.array([[[[0, 9], [0, 2], [0, 2]]]]), None
+        ),
+        lambda: anatomy_aware_crop_boxes(
+            (8, 8, 8), (4, 4, 4), np.zeros((2, 1, 3, 2), int), np.random.default_rng(0), [True]
+        ),
+        lambda: crops_valid(np.zeros((2, 1, 3, 2), int), np.zeros((3, 3), int), (4, 4, 4)),
+        lambda: crop_valid(np.zeros((2, 3, 2), int), (0, 0, 0), (4, 4, 4), [True]),
+    ],
+)
+def test_batched_ill_arg(call) -> None:
     with pytest.raises(ValueError):
         call()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -19,9 +21,13 @@ from fvlm.evaluation import (
     parse_xy_spacing,
     radchestct_affine,
     radchestct_manifest,
-    write_ctrate_like,
 )
+from fvlm.evaluation.ctrate import NOT_GIVEN
 from fvlm.evaluation.radchestct import RADCHESTCT_CALCIFICATION_MERGE
+from fvlm.phantom import generate_phantom
+from fvlm.phantom.ctrate_layout import CTRateTraps, write_ctrate_like
+from fvlm.preprocess.config import PreprocessConfig
+from fvlm.preprocess.runner import RunSummary, run_preprocess
 
 PHANTOM_KEYS = [
     "lung/emphysema",
@@ -119,18 +125,25 @@ def test_write_ctrate_like_layout_and_hu_trap(ctrate_root: Path) -> None:
     for name in ("valid_1_a_1", "valid_2_a_1", "valid_3_a_1"):
         assert (base / "valid" / name[:7] / name[:9] / f"{name}.nii.gz").is_file()
     assert (base / "train/train_1/train_1_a/train_1_a_1.nii.gz").is_file()
-    # already-HU int16 voxels, no NIfTI scaling, even for the phantom stored with slope 2
+    # already-HU int16 voxels, no NIfTI scaling, even for the phantom stored with slope 2, in
+    # CT-RATE's LPS voxel order (the phantom's RAS voxels flipped along i and j)
     image = nib.load(base / "valid/valid_1/valid_1_a/valid_1_a_1.nii.gz")
     assert image.get_data_dtype() == np.int16
+    assert nib.aff2axcodes(image.affine) == ("L", "P", "S")
     raw = np.asarray(image.dataobj.get_unscaled())
-    assert np.array_equal(raw, np.load(ctrate_root.parent / "phantom" / "ph1_hu.npy"))
+    hu = np.load(ctrate_root.parent / "phantom" / "ph1_hu.npy")
+    assert np.array_equal(raw, hu[::-1, ::-1, :])
     assert np.array_equal(image.get_fdata(), raw)
     # ... while the metadata still carries the DICOM rescale: the double-rescale trap
     meta = pd.read_csv(base / "metadata/validation_metadata.csv")
     assert meta["RescaleSlope"].tolist() == [1.0] * 3
     assert meta["RescaleIntercept"].tolist() == [-1024.0] * 3
-    assert meta["XYSpacing"].tolist() == ["[0.8, 0.7]"] * 3
+    assert meta["XYSpacing"].tolist() == ["[0.7, 0.8]"] * 3  # PixelSpacing: along j, along i
     assert meta["ZSpacing"].tolist() == [2.5] * 3
+    assert meta["ImageOrientationPatient"].tolist() == ["[1, 0, 0, 0, 1, 0]"] * 3
+    # voxel (0, 0, 0) of the LPS array is the phantom's last voxel along x and y: RAS position
+    # ((6 - 1) * 0.8, (5 - 1) * 0.7, 0) mm, i.e. LPS (-4, -2.8, 0)
+    assert meta["ImagePositionPatient"].tolist() == ["[-4, -2.8, 0]"] * 3
     reports = pd.read_csv(base / "radiology_text_reports/validation_reports.csv")
     assert list(reports.columns) == [
         "VolumeName",
@@ -139,6 +152,9 @@ def test_write_ctrate_like_layout_and_hu_trap(ctrate_root: Path) -> None:
         "Findings_EN",
         "Impressions_EN",
     ]
+    # missing sections are written as CT-RATE writes them
+    assert reports["ClinicalInformation_EN"].tolist() == [NOT_GIVEN] * 3
+    assert reports["Impressions_EN"].tolist()[2] == NOT_GIVEN  # ph3 has no impression
 
 
 def test_ctrate_label_csv_has_18_columns_mapped_by_label(ctrate_root: Path) -> None:
@@ -195,8 +211,10 @@ def test_ctrate_manifest_and_labels(ctrate_root: Path) -> None:
     assert manifest.loc[2, "impression"] == ""  # missing impression -> empty text
     assert manifest["split"].unique().tolist() == ["valid"]
     assert manifest["rescale_intercept"].tolist() == [-1024.0] * 3
-    assert manifest["xy_spacing"].tolist() == [(0.8, 0.7)] * 3
-    assert manifest["z_spacing"].tolist() == [2.5] * 3
+    # geometry columns the preprocessor reads: spacing along the stored axes i, j, k
+    assert manifest["spacing"].tolist() == ["[0.8, 0.7, 2.5]"] * 3
+    assert manifest["image_orientation"].tolist() == ["[1, 0, 0, 0, 1, 0]"] * 3
+    assert manifest["image_position"].tolist() == ["[-4, -2.8, 0]"] * 3
     assert manifest["scan_id"].tolist() == ["valid_1_a", "valid_2_a", "valid_3_a"]
     assert all(Path(p).is_file() for p in manifest["mask"])
     assert list(labels.columns) == ["study_id", *CHEST_KEYS] and len(CHEST_KEYS) == 18
@@ -268,9 +286,13 @@ def test_ctrate_like_from_the_real_phantom(tmp_path: Path) -> None:
         for key in CHEST_KEYS:
             expected = phantom_labels.loc[row["phantom_id"], key] if key in phantom_labels else 0
             assert ours.loc[row["study_id"], key] == expected, (row["phantom_id"], key)
-    image = nib.load(manifest.loc[0, "image"])
-    source = nib.load(
-        tmp_path / "phantom" / pd.read_csv(tmp_path / "phantom" / "manifest.csv").loc[0, "image"]
+    image = nib.as_closest_canonical(nib.load(manifest.loc[0, "image"]))
+    source = nib.as_closest_canonical(
+        nib.load(
+            tmp_path
+            / "phantom"
+            / pd.read_csv(tmp_path / "phantom" / "manifest.csv").loc[0, "image"]
+        )
     )
     assert np.array_equal(np.asarray(image.dataobj), np.rint(source.get_fdata()))
     assert np.allclose(image.affine, source.affine)
@@ -350,3 +372,126 @@ def test_merge_max_scores_follows_ctclip_calcification_rule() -> None:
     merged = merge_max_scores(scores, RADCHESTCT_CALCIFICATION_MERGE)
     assert merged["aorta/calcification"].tolist() == [0.6, 0.7]
     assert merged["heart/coronary_calcification"].tolist() == [0.6, 0.1]
+
+
+# ----------------------------------------------------------------------------------------------
+# CT-RATE's traps through the preprocessor
+# ----------------------------------------------------------------------------------------------
+
+TWIN_SPACING = (8.0, 9.0, 9.0)  # phantom and cache grid: coarse, keeps the test fast
+
+
+def _preprocess_ctrate(root: Path, cache: Path, **settings) -> tuple[RunSummary, pd.DataFrame]:
+    """``ctrate_manifest`` written as it is, then the preprocessor with the phantom's masks."""
+    manifest, _ = ctrate_manifest(root, "valid", mask_dir=root / "totalseg")
+    manifest.to_csv(root / "manifest.csv", index=False)
+    config = PreprocessConfig(
+        manifest=root / "manifest.csv", cache=cache, spacing=TWIN_SPACING, anatomy_table="chest",
+        hu_window=(-1000.0, 1000.0), workers=1, progress=False, **settings,
+    )  # fmt: skip
+    return run_preprocess(config), manifest
+
+
+def _meta(cache: Path, study: str) -> dict:
+    return json.loads((cache / "studies" / study / "meta.json").read_text())
+
+
+def _millilitres(meta: dict) -> dict[str, float]:
+    voxel_ml = float(np.prod(meta["spacing"])) / 1000.0
+    return {name: a["voxels"] * voxel_ml for name, a in meta["anatomies"].items() if a["voxels"]}
+
+
+@pytest.fixture(scope="module")
+def twin_phantom(tmp_path_factory) -> Path:
+    phantom = tmp_path_factory.mktemp("twin") / "phantom"
+    generate_phantom(phantom, n_studies=2, seed=5, shape=(24, 32, 32), spacing=TWIN_SPACING,
+                     splits=(0.0, 0.0, 1.0), preset="chest", progress=False)  # fmt: skip
+    return phantom
+
+
+def test_identity_affine_twin_preprocesses_like_its_correct_affine_twin(twin_phantom, tmp_path):
+    clean, trapped = tmp_path / "clean", tmp_path / "trapped"
+    write_ctrate_like(twin_phantom, clean)
+    traps = CTRateTraps(identity_every=1, raw_every=2, second_recon_every=2, not_given_every=2)
+    mapping = write_ctrate_like(twin_phantom, trapped, traps=traps)
+    assert mapping["study_id"].tolist() == ["valid_1_a_1", "valid_2_a_1", "valid_2_a_2"]
+    image = nib.load(trapped / "dataset/valid/valid_2/valid_2_a/valid_2_a_1.nii.gz")
+    assert np.array_equal(image.affine, np.eye(4))  # the trap: geometry only in the metadata
+    summary_clean, _ = _preprocess_ctrate(clean, tmp_path / "cache_clean")
+    summary, manifest = _preprocess_ctrate(trapped, tmp_path / "cache_trapped")
+    assert summary_clean.exit_code == 0 and summary.exit_code == 0, summary.format()
+    assert manifest["impression"].tolist()[1:] == ["", ""]  # 'Not given.' read as empty
+    for study in ("valid_1_a_1", "valid_2_a_1"):
+        twin, meta = (
+            _meta(tmp_path / "cache_clean", study),
+            _meta(tmp_path / "cache_trapped", study),
+        )
+        assert twin["geometry"]["source"] == "header"
+        assert meta["geometry"]["source"] == "metadata", meta["geometry"]
+        assert meta["geometry"]["header_problem"].startswith("identity affine")
+        assert meta["spacing"] == list(TWIN_SPACING) and meta["shape"] == twin["shape"]
+        assert meta["segmentation"]["totalseg_version"] == "v2"
+        assert meta["segmentation"]["version_reason"] == twin["segmentation"]["version_reason"]
+        ours, theirs = _millilitres(meta), _millilitres(twin)
+        assert set(ours) == set(theirs) and {"lung", "heart", "aorta", "trachea"} <= set(ours)
+        for name, ml in theirs.items():
+            assert ours[name] == pytest.approx(ml, rel=0.05), name
+    # v1 raw values under the same intercept as v2's HU: rescaled there, not here
+    assert _meta(tmp_path / "cache_trapped", "valid_2_a_1")["rescale"]["applied"] is True
+    assert _meta(tmp_path / "cache_trapped", "valid_1_a_1")["rescale"]["applied"] is False
+    # the thicker second reconstruction: twice the ZSpacing, the same lung within 15 %
+    recon = _meta(tmp_path / "cache_trapped", "valid_2_a_2")
+    assert recon["geometry"]["metadata"]["spacing"][2] == 2 * TWIN_SPACING[0]
+    lung = _millilitres(_meta(tmp_path / "cache_trapped", "valid_2_a_1"))["lung"]
+    assert _millilitres(recon)["lung"] == pytest.approx(lung, rel=0.15)
+    # what the trap costs a reader that trusts the header: 1 mm voxels, organs 1/648 the size
+    header_only, _ = _preprocess_ctrate(trapped, tmp_path / "cache_header", geometry="header")
+    assert header_only.exit_code == 0
+    shrunk = _millilitres(_meta(tmp_path / "cache_header", "valid_1_a_1"))["lung"]
+    assert shrunk < _millilitres(_meta(tmp_path / "cache_clean", "valid_1_a_1"))["lung"] / 300
+
+
+def test_bad_geometry_and_undecidable_masks_fail_their_study_only(twin_phantom, tmp_path):
+    root = tmp_path / "ctrate"
+    write_ctrate_like(twin_phantom, root, traps=CTRateTraps(identity_every=1))
+    base = root / "dataset"
+    volumes = base / "valid/valid_1/valid_1_a"
+    # valid_1_a_2: metadata row without spacing; valid_1_a_3: header spacing in metres
+    # (8000 x 9000 x 9000 mm), no metadata; valid_1_a_4: an undecidable mask
+    for recon in (2, 3, 4):
+        shutil.copyfile(volumes / "valid_1_a_1.nii.gz", volumes / f"valid_1_a_{recon}.nii.gz")
+        shutil.copyfile(
+            root / "totalseg/valid_1_a_1.nii.gz", root / f"totalseg/valid_1_a_{recon}.nii.gz"
+        )
+    metres = nib.load(volumes / "valid_1_a_3.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(metres.dataobj), np.diag([8000.0, 9000, 9000, 1])),
+             volumes / "valid_1_a_3.nii.gz")  # fmt: skip
+    labels = np.zeros(metres.shape, np.uint8)
+    labels[2:6, 2:6, 2:6], labels[8:10, 8:10, 2:4] = 31, 7  # v2 L1 + pancreas / v1 T4 + aorta
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), root / "totalseg/valid_1_a_4.nii.gz")
+    for sub, file in (("radiology_text_reports", "validation_reports.csv"),
+                      ("multi_abnormality_labels", "valid_predicted_labels.csv"),
+                      ("metadata", "validation_metadata.csv")):  # fmt: skip
+        table = pd.read_csv(base / sub / file)
+        extra = pd.concat([table.iloc[[0]]] * 3)
+        extra["VolumeName"] = [f"valid_1_a_{r}.nii.gz" for r in (2, 3, 4)]
+        table = pd.concat([table, extra], ignore_index=True)
+        if sub == "metadata":
+            table = table[table["VolumeName"] != "valid_1_a_3.nii.gz"]
+            table.loc[table["VolumeName"] == "valid_1_a_2.nii.gz", "ZSpacing"] = np.nan
+        table.to_csv(base / sub / file, index=False)
+    summary, _ = _preprocess_ctrate(root, tmp_path / "cache")
+    reasons = {r.study_id: r.reason for r in summary.results if r.status == "failed"}
+    assert set(reasons) == {"valid_1_a_2", "valid_1_a_3", "valid_1_a_4"}, summary.format()
+    assert summary.counts["ok"] == 2  # valid_1_a_1 and valid_2_a_1: the run went on
+    assert "valid_1_a_2.nii.gz: GeometryError: identity affine" in reasons["valid_1_a_2"]
+    assert "no spacing for this study" in reasons["valid_1_a_2"]
+    assert (
+        "valid_1_a_3.nii.gz: GeometryError: voxel size 8000x9000x9000 mm"
+        in (reasons["valid_1_a_3"])
+    )
+    assert "valid_1_a_4.nii.gz: UndecidableVersion" in reasons["valid_1_a_4"]
+    assert "set totalseg_version to v1 or v2" in reasons["valid_1_a_4"]
+    report = summary.format()
+    for study, reason in reasons.items():
+        assert "\n" not in reason and f"failed {study}: {reason}" in report

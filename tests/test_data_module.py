@@ -18,6 +18,7 @@ from fvlm.anatomy import AnatomyTable, load_anatomy_table
 from fvlm.crop import center_crop_start, crop_array
 from fvlm.data_modules import BATCH_KEYS, CachedStudyDataset, CTReportDataModule, collate_studies
 from fvlm.models.text import load_tokenizer
+from fvlm.preprocess.cache import CacheError, StudyCache
 
 CROP = (8, 12, 16)
 
@@ -346,6 +347,75 @@ def test_fit_without_training_studies_raises(cache: Path, table_path: Path) -> N
         dm.setup("fit")
 
 
+def _truncated_liver_cache(root: Path, table: AnatomyTable, n: int = 4) -> Path:
+    """``n`` train studies whose liver is marked truncated by the field of view in meta.json."""
+    rng = np.random.default_rng(5)
+    cache = StudyCache(root)
+    for i in range(n):
+        study_id = f"cut_{i}"
+        write_study(root, study_id, table, (12, 16, 20), rng, {"liver": "Liver cut."}, set())
+        meta = cache.study_meta(study_id)
+        meta["anatomies"]["liver"] |= {"truncated": True, "truncated_faces": ["superior"]}
+        cache.update_meta(study_id, meta)
+    cache.write_manifest((f"cut_{i}", "train", "ok", "") for i in range(n))
+    return root
+
+
+def test_truncated_anatomy_is_never_valid(tmp_path: Path, table_path: Path) -> None:
+    table = load_anatomy_table(table_path)
+    root = _truncated_liver_cache(tmp_path, table)
+    liver = table.names.index("liver")
+    # A crop larger than every volume holds the liver whole, and still it is not valid.
+    whole = CachedStudyDataset(root, "train", table, (16, 20, 24), train=True)
+    for i in range(len(whole)):
+        valid = whole[i]["valid"].numpy()
+        assert not valid[liver] and valid[[1, 2]].all()
+    # Over many anatomy-aware crops: never valid, never the anchor (another anatomy always is).
+    torch.manual_seed(0)
+    dataset = CachedStudyDataset(root, "train", table, (8, 10, 12), train=True)
+    liver_whole = 0
+    for _ in range(50):
+        for i in range(len(dataset)):
+            sample = dataset[i]
+            voxels = StudyCache(root).study_meta(dataset.study_ids[i])["anatomies"]
+            inside = counts_in(sample["anatomy"].numpy(), len(table))
+            liver_whole += int(inside[liver] == voxels["liver"]["voxels"])
+            assert not sample["valid"][liver] and sample["valid"].any()
+    assert liver_whole > 0  # the crop did hold the liver whole at times: only truncation blocks it
+    # The same studies without the flag (caches written before it existed) are not truncated.
+    for i in range(len(dataset)):
+        meta = StudyCache(root).study_meta(f"cut_{i}")
+        for entry in meta["anatomies"].values():
+            entry.pop("truncated", None)
+        StudyCache(root).update_meta(f"cut_{i}", meta)
+    assert all(whole[i]["valid"].all() for i in range(len(whole)))
+
+
+def test_cache_contract_reads_what_the_writer_wrote(cache: Path, table_path: Path) -> None:
+    table = load_anatomy_table(table_path)
+    contract = StudyCache(cache)
+    rows = contract.read_manifest()
+    assert len(rows) == 11 and rows[-1].study_id == "broken" and rows[-1].status == "failed"
+    assert contract.ok_studies("val") == ["val_00", "val_01"]
+    assert len(contract.ok_studies()) == 10 and "broken" not in contract.ok_studies()
+    assert contract.hu_window() is None  # this hand-written cache records none
+    meta = contract.study_meta("val_00")
+    image, anatomy = contract.open_arrays("val_00", meta)
+    assert isinstance(image, np.memmap) and image.shape == anatomy.shape == tuple(meta["shape"])
+    boxes = contract.bboxes(meta, table, "val_00")
+    for i, anatomy_id in enumerate(table.ids):
+        where = np.argwhere(np.asarray(anatomy) == anatomy_id)
+        np.testing.assert_array_equal(boxes[i, :, 0], where.min(0))
+        np.testing.assert_array_equal(boxes[i, :, 1], where.max(0) + 1)
+    assert not contract.truncated(meta, table, "val_00").any()
+    with pytest.raises(CacheError, match="meta.json shape"):
+        contract.open_arrays("val_00", meta | {"shape": [1, 2, 3]})
+    with pytest.raises(CacheError, match="nowhere.*rerun `fvlm preprocess`"):
+        contract.study_meta("nowhere")
+    with pytest.raises(FileNotFoundError, match="run `fvlm preprocess` first"):
+        StudyCache(cache / "nope").read_manifest()
+
+
 def test_table_mismatch_is_reported(cache: Path) -> None:
     dataset = CachedStudyDataset(cache, "val", load_anatomy_table("chest"), CROP, train=False)
     with pytest.raises(ValueError, match="another table"):
@@ -420,8 +490,12 @@ def test_real_ct_through_preprocessing_cache(tmp_path: Path) -> None:
     for i, study_id in enumerate(batch["study_id"]):
         meta = json.loads((tmp_path / "cache" / "studies" / study_id / "meta.json").read_text())
         voxels = np.array([meta["anatomies"][n]["voxels"] for n in dm.anatomy_names])
+        cut = np.array([meta["anatomies"][n]["truncated"] for n in dm.anatomy_names])
+        # The example is a 90 mm slab of the abdomen: the liver runs through both ends of it.
+        assert cut[dm.anatomy_names.index("liver")] and not cut[dm.anatomy_names.index("pancreas")]
         inside = counts_in(batch["anatomy"][i].numpy(), 35)
-        np.testing.assert_array_equal(batch["valid"][i].numpy(), (voxels > 0) & (inside == voxels))
+        expected = (voxels > 0) & (inside == voxels) & ~cut
+        np.testing.assert_array_equal(batch["valid"][i].numpy(), expected)
     liver = dm.anatomy_names.index("liver")
     by_id = dict(zip(batch["study_id"], batch["normal"][:, liver].tolist(), strict=True))
     assert by_id == {"ct_a": False, "ct_b": True}

@@ -11,7 +11,7 @@ import time
 import pytest
 from openai_stub_server import Reply, Request, StubOpenAIServer
 
-from fvlm.anatomy import AnatomyTable, load_anatomy_table
+from fvlm.anatomy import AnatomyTable
 from fvlm.preprocess.decomposition import (
     AnatomyDescription,
     LLMConfig,
@@ -46,10 +46,9 @@ N_PROMPTS = 12
 
 
 @pytest.fixture(scope="module")
-def table() -> AnatomyTable:
-    paper = load_anatomy_table("paper")
+def table(paper_table: AnatomyTable) -> AnatomyTable:
     names = ("liver", "spleen", "small_bowel", "kidney")
-    return AnatomyTable("mini", tuple(paper[n] for n in names))
+    return AnatomyTable("mini", tuple(paper_table[n] for n in names))
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +80,6 @@ def config(server_url: str, **overrides) -> LLMConfig:
         api_key_env=KEY_ENV,
         timeout_s=0.5,
         max_attempts=3,
-        backoff_s=0.01,
         max_concurrency=4,
     )
     values.update(overrides)
@@ -152,7 +150,7 @@ def test_parse_extraction_multiword_label():
 
 
 @pytest.mark.parametrize(
-    "bad", [{"max_attempts": 0}, {"max_concurrency": 0}, {"timeout_s": 0}, {"backoff_s": -1}]
+    "bad", [{"max_attempts": 0}, {"max_concurrency": 0}, {"timeout_s": 0}, {"down_retry_s": -1}]
 )
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
@@ -173,6 +171,7 @@ def test_correct_server_string_matching_and_secret_handling(table, tmp_path, cap
     bodies = [r.body for r in server.requests]
     assert {b["model"] for b in bodies} == {"stub-model"}
     assert {b["temperature"] for b in bodies} == {0.0}
+    assert {r.retry_count for r in server.requests} == {0}
     # The key travels in the Authorization header and nowhere else.
     assert {r.headers["authorization"] for r in server.requests} == {f"Bearer {SECRET}"}
     cache_files = sorted(tmp_path.rglob("*"))
@@ -198,7 +197,7 @@ def test_rerun_hits_the_cache_with_zero_requests(table, tmp_path):
     assert (tmp_path / key[:2] / f"{key}.json").is_file()
 
 
-def test_slow_answer_times_out_once_then_retries(table):
+def test_slow_answer_times_out_once_then_the_client_retries(table):
     def slow_first(request: Request) -> Reply:
         reply = oracle(request)
         return Reply(reply.content, delay_s=6.0) if request.index == 0 else reply
@@ -208,22 +207,95 @@ def test_slow_answer_times_out_once_then_retries(table):
         result = LLMDecomposer(table, config(server.base_url)).decompose(FINDINGS, IMPRESSION)
         elapsed = time.monotonic() - start
     assert result.anatomies == EXPECTED
-    assert result.outcomes["error_timeout"] == 1 and result.outcomes["retry"] == 1
-    assert result.outcomes["llm_answer"] == N_PROMPTS
+    assert result.outcomes == {"llm_answer": N_PROMPTS, "retry": 1, "string_match": 1, "default": 1}
     assert len(server.requests) == N_PROMPTS + 1
+    # The openai client retried (its header counts the attempt), not a loop of ours.
+    (retried,) = [r for r in server.requests if r.retry_count]
+    assert retried.retry_count == 1 and retried.prompt == server.requests[0].prompt
     assert elapsed < 5.0  # the client gave up after timeout_s, it did not wait for the answer
 
 
-def test_http_500_then_success(table):
+@pytest.mark.parametrize("status", [408, 409, 429, 500, 503])
+def test_retryable_status_then_success(table, status):
     def fail_first(request: Request) -> Reply:
-        return Reply(status=500) if request.index == 0 else oracle(request)
+        return Reply(status=status) if request.index == 0 else oracle(request)
 
     with StubOpenAIServer(fail_first) as server:
         result = LLMDecomposer(table, config(server.base_url)).decompose(FINDINGS, IMPRESSION)
     assert result.anatomies == EXPECTED
-    assert result.outcomes["error_http_500"] == 1 and result.outcomes["retry"] == 1
-    assert result.outcomes["llm_answer"] == N_PROMPTS
+    assert result.outcomes == {"llm_answer": N_PROMPTS, "retry": 1, "string_match": 1, "default": 1}
     assert len(server.requests) == N_PROMPTS + 1
+    (retried,) = [r for r in server.requests if r.retry_count]
+    assert retried.retry_count == 1 and retried.prompt == server.requests[0].prompt
+
+
+def test_persistent_server_error_uses_max_attempts_then_rules(table):
+    def liver_503(request: Request) -> Reply:
+        return Reply(status=503) if "(liver) is mentioned" in request.prompt else oracle(request)
+
+    with StubOpenAIServer(liver_503) as server:
+        result = LLMDecomposer(table, config(server.base_url)).decompose(FINDINGS, IMPRESSION)
+    liver = [r for r in server.requests if "(liver) is mentioned" in r.prompt]
+    # Two liver mention prompts (findings, impression), each tried max_attempts = 3 times.
+    assert sorted(r.retry_count for r in liver) == [0, 0, 1, 1, 2, 2]
+    assert result.anatomies["liver"] == AnatomyDescription(
+        "The liver is enlarged. Enlarged liver.", False, "rules"
+    )
+    assert result.outcomes == {
+        "error_http_503": 2,
+        "retry": 4,
+        "fallback_rules": 2,
+        "llm_answer": 8,
+        "string_match": 1,
+        "default": 1,
+    }
+    assert len(server.requests) == 8 + 6
+
+
+def test_retry_after_header_sets_the_wait(table):
+    def rate_limited_first(request: Request) -> Reply:
+        if request.index == 0:
+            return Reply(status=429, headers=(("Retry-After", "1"),))
+        return oracle(request)
+
+    with StubOpenAIServer(rate_limited_first) as server:
+        decomposer = LLMDecomposer(table, config(server.base_url, max_concurrency=1))
+        result = decomposer.decompose(FINDINGS, IMPRESSION)
+    assert result.anatomies == EXPECTED
+    first, second = server.requests[:2]
+    assert second.retry_count == 1 and second.prompt == first.prompt
+    # The client's own first backoff is at most 0.5 s; the server asked for 1 s.
+    assert second.received - first.received >= 0.95
+
+
+def test_client_error_is_not_retried(table):
+    def reject_liver(request: Request) -> Reply:
+        return Reply(status=400) if "(liver) is mentioned" in request.prompt else oracle(request)
+
+    with StubOpenAIServer(reject_liver) as server:
+        result = LLMDecomposer(table, config(server.base_url)).decompose(FINDINGS, IMPRESSION)
+    # Liver: the two mention prompts are sent once each, so its two extractions never are.
+    assert len(server.requests) == N_PROMPTS - 2
+    assert {r.retry_count for r in server.requests} == {0}
+    assert result.outcomes["error_http_400"] == 2 and result.outcomes["fallback_rules"] == 2
+    assert "retry" not in result.outcomes
+
+
+def test_answer_that_is_no_completion_is_asked_again_then_rules(table):
+    def broken_spleen(request: Request) -> Reply:
+        if "(spleen) is mentioned" in request.prompt:
+            return Reply(raw_body="<html>proxy error</html>")
+        return oracle(request)
+
+    with StubOpenAIServer(broken_spleen) as server:
+        result = LLMDecomposer(table, config(server.base_url)).decompose(FINDINGS, IMPRESSION)
+    assert result.anatomies["spleen"] == AnatomyDescription(
+        "the spleen is normal. null", True, "rules"
+    )
+    # Both spleen mention prompts (findings, impression): 3 bodies each, then the rules.
+    assert result.outcomes["unparseable"] == 6 and result.outcomes["retry"] == 4
+    assert result.outcomes["fallback_rules"] == 2
+    assert len(server.requests) == N_PROMPTS - 3 + 6  # no spleen extraction is asked
 
 
 def test_garbage_answers_fall_back_to_rules(table, tmp_path):
@@ -272,7 +344,7 @@ def test_garbage_extraction_falls_back_to_rules(table):
 
 def test_server_down_falls_back_quickly_and_warns_once(table, caplog):
     caplog.set_level(logging.DEBUG)
-    decomposer = LLMDecomposer(table, config(closed_port_url(), backoff_s=0.05))
+    decomposer = LLMDecomposer(table, config(closed_port_url()))
     rules = RuleDecomposer(table).decompose(FINDINGS, IMPRESSION)
     start = time.monotonic()
     first = decomposer.decompose(FINDINGS, IMPRESSION)

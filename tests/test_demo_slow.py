@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_reduced_demo_fvlm_beats_clip(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the demo configs write runs/demo/... relative to the cwd
     data, cache = tmp_path / "phantom", tmp_path / "cache"
-    fvlm_main(["phantom", "--out", str(data), "--n-studies", "160", "--seed", "1",
-               "--splits", "0.6", "0.1", "0.3", "--quiet"])  # fmt: skip
+    fvlm_main(["phantom", "--out_dir", str(data), "--n_studies", "160", "--seed", "1",
+               "--splits", "[0.6, 0.1, 0.3]", "--progress", "false"])  # fmt: skip
     fvlm_main(["preprocess", "--config", str(ROOT / "configs/preprocess/phantom.yaml"),
                "--manifest", str(data / "manifest.csv"), "--cache", str(cache)])  # fmt: skip
     for config in ("demo.yaml", "demo_clip.yaml"):
@@ -29,8 +29,8 @@ def test_reduced_demo_fvlm_beats_clip(tmp_path, monkeypatch):
                    "false"])  # fmt: skip
     fvlm_main(["evaluate", "--cache", str(cache), "--labels", str(data / "labels.csv"),
                "--benchmark", "phantom", "--out", "eval",
-               "--ckpt", "runs/demo/fvlm/checkpoints/last.ckpt", "--name", "fVLM",
-               "--ckpt", "runs/demo/clip/checkpoints/last.ckpt", "--name", "CLIP"])  # fmt: skip
+               "--ckpt+", "runs/demo/fvlm/checkpoints/last.ckpt", "--name+", "fVLM",
+               "--ckpt+", "runs/demo/clip/checkpoints/last.ckpt", "--name+", "CLIP"])  # fmt: skip
     fvlm = pd.read_csv("eval/fVLM/fVLM_per_disease.csv", index_col=0)
     clip = pd.read_csv("eval/CLIP/CLIP_per_disease.csv", index_col=0)
     assert len(fvlm) == 16  # 15 phantom diseases + macro

@@ -9,8 +9,9 @@ from eval_fixtures import chest_preprocess_config, tiny_checkpoint
 
 from fvlm.anatomy import load_anatomy_table
 from fvlm.cli import main as fvlm_main
-from fvlm.evaluation.ctrate import CTRATE_LABELS, write_ctrate_like
+from fvlm.evaluation.ctrate import CTRATE_LABELS
 from fvlm.phantom import generate_phantom
+from fvlm.phantom.ctrate_layout import write_ctrate_like
 
 
 def test_eval_ctrate_scores_all_18_labels_without_double_rescale(tmp_path):
@@ -25,7 +26,7 @@ def test_eval_ctrate_scores_all_18_labels_without_double_rescale(tmp_path):
     out = tmp_path / "eval"
     code = fvlm_main([
         "eval-ctrate", "--root", str(ctrate), "--ckpt", str(ckpt), "--name", "fVLM",
-        "--cache", str(tmp_path / "cache"), "--preprocess-config", str(config),
+        "--cache", str(tmp_path / "cache"), "--preprocess_config", str(config),
         "--workers", "1", "--out", str(out),
     ])  # fmt: skip
     assert code in (None, 0)

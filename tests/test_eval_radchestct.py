@@ -19,6 +19,7 @@ from nibabel import orientations
 
 from fvlm.anatomy import load_anatomy_table
 from fvlm.cli import main as fvlm_main
+from fvlm.evaluation import run as evaluate_module
 from fvlm.evaluation.ctrate import ctrate_label_map
 from fvlm.evaluation.radchestct import (
     RADCHESTCT_CALCIFICATION_MERGE,
@@ -26,8 +27,7 @@ from fvlm.evaluation.radchestct import (
     merge_max_scores,
     radchestct_affine,
 )
-from fvlm.lit_modules import evaluate as evaluate_module
-from fvlm.lit_modules.evaluate import evaluate_checkpoint
+from fvlm.evaluation.run import evaluate_checkpoint
 from fvlm.phantom import generate_phantom
 from fvlm.preprocess.manifest import read_manifest
 from fvlm.preprocess.volume import NPZ_AXCODES, load_npz, load_volume
@@ -110,7 +110,7 @@ def test_eval_radchestct_scores_the_mapped_labels(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(evaluate_module, "merge_max_scores", recording_merge)
     code = fvlm_main([
         "eval-radchestct", "--root", str(root), "--ckpt", str(ckpt), "--name", "fVLM",
-        "--cache", str(cache), "--preprocess-config",
+        "--cache", str(cache), "--preprocess_config",
         str(chest_preprocess_config(tmp_path / "chest_small.yaml")), "--workers", "1",
         "--out", str(out),
     ])  # fmt: skip

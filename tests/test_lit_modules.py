@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from lightning.pytorch import Trainer
@@ -9,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from fvlm.lit_modules import CoTeachingModule, FineGrainedCLIPModule, GlobalCLIPModule
 from fvlm.lit_modules.schedule import warmup_cosine
+from fvlm.loss import fncn_targets, similarity_probabilities
 from fvlm.models import VisionConfig
 
 TINY_TEXT = {
@@ -97,26 +100,47 @@ def test_co_teaching_alternates_and_uses_the_partner(monkeypatch):
     assert calls == [(0, False)]
 
 
-def test_co_teaching_soft_targets_come_from_the_other_network():
+def test_co_teaching_soft_targets_come_from_the_other_network(monkeypatch):
+    """The targets equal alpha * y + (1 - alpha) * p computed from the PARTNER's embeddings."""
     torch.manual_seed(0)
-    module = CoTeachingModule(**kwargs(burn_in_epochs=0, alpha=0.5))
-    batch = make_batch(3)
+    alpha = 0.3
+    module = CoTeachingModule(**kwargs(burn_in_epochs=0, alpha=alpha))
     seen = {}
-    original = module.loss.teacher_targets
+    original = module.contrastive_loss
 
-    def spy(image_emb, text_emb, valid, scale):
-        seen["image_emb"] = image_emb
-        return original(image_emb, text_emb, valid, scale)
+    def spy(out, soft=None):
+        losses = original(out, soft)
+        seen.update(out=out, targets=losses["targets_i2t"], targets_t2i=losses["targets_t2i"])
+        return losses
 
-    module.loss.teacher_targets = spy
-    trainer = fit(module, epochs=1, n=2)
-    assert trainer.global_step == 2  # one optimiser step per batch, alternating networks
-    # The last batch (index 1) trained network 1, so the teacher was network 0.
+    monkeypatch.setattr(module, "contrastive_loss", spy)
+    partner_before = [p.detach().clone() for p in module.networks[1].parameters()]
+    fit(module, epochs=1, n=1)  # batch 0 trains network 0; network 1 only teaches
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(partner_before, module.networks[1].parameters(), strict=True)
+    )
+    batch, out = make_batch(0), seen["out"]
     with torch.no_grad():
-        expected = module.networks[0](make_batch(1)).image_emb
-    assert seen["image_emb"].shape == expected.shape
-    assert not seen["image_emb"].requires_grad
-    del batch
+        partner = module.networks[1](batch)
+    hard = fncn_targets(out.valid, out.normal, out.text_key)
+    pair = out.valid.t()[:, :, None] & out.valid.t()[:, None, :]
+
+    def expected(teacher) -> tuple[torch.Tensor, torch.Tensor]:
+        p_i2t, p_t2i = similarity_probabilities(
+            teacher.image_emb, teacher.text_emb, out.valid, teacher.logit_scale
+        )
+        return (
+            (alpha * hard + (1 - alpha) * p_i2t) * pair,
+            (alpha * hard.transpose(-1, -2) + (1 - alpha) * p_t2i) * pair,
+        )
+
+    from_partner = expected(partner)
+    torch.testing.assert_close(seen["targets"], from_partner[0])
+    torch.testing.assert_close(seen["targets_t2i"], from_partner[1])
+    # Self-teaching would give clearly different targets: the test tells the two apart.
+    from_self = expected(out)
+    assert (from_self[0] - seen["targets"]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("correction", ["none", "self", "momentum"])
@@ -161,3 +185,45 @@ def test_warmup_cosine_schedule_numbers():
     assert lrs[-1] == pytest.approx(1e-6, rel=0.1)
     with pytest.raises(ValueError):
         warmup_cosine(opt, total_steps=5, warmup_steps=6, min_lr=0)
+
+
+@pytest.mark.parametrize(("total", "warmup"), [(100, 10), (7, 1), (5, 5), (5, 0), (250, 37)])
+def test_warmup_cosine_equals_the_closed_form(total, warmup):
+    """torch's LinearLR + CosineAnnealingLR give the paper's formula at every step."""
+    peak, floor = 1e-4, 1e-6
+
+    def closed_form(step: int) -> float:
+        if step < warmup:
+            return peak * (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = warmup_cosine(opt, total_steps=total, warmup_steps=warmup, min_lr=floor)
+    for step in range(total + 1):
+        assert opt.param_groups[0]["lr"] == pytest.approx(closed_form(step), rel=1e-9)
+        opt.step()
+        sched.step()
+
+
+def test_momentum_network_is_an_exponential_moving_average():
+    """After k steps the EMA holds m * ema + (1 - m) * live of the previous one (first: a copy)."""
+    torch.manual_seed(0)
+    module = FineGrainedCLIPModule(**kwargs(label_correction="momentum", momentum=0.5))
+    ema = module.momentum_network
+    history = []
+    original = module.on_train_batch_end
+
+    def record(outputs, batch, batch_idx):
+        previous = next(ema.module.parameters()).detach().clone()
+        original(outputs, batch, batch_idx)
+        live = next(module.network.parameters()).detach().clone()
+        history.append((previous, live, next(ema.module.parameters()).detach().clone()))
+
+    module.on_train_batch_end = record
+    fit(module, epochs=1, n=3)
+    (_, live0, ema0), *rest = history
+    torch.testing.assert_close(ema0, live0)
+    for previous, live, now in rest:
+        torch.testing.assert_close(now, 0.5 * previous + 0.5 * live)
+    assert not any(p.requires_grad for p in ema.parameters())

@@ -373,3 +373,34 @@ def test_gather_features_single_process():
     assert got[0] is a and got[1] is b
     with pytest.raises(RuntimeError, match="process group|distributed"):
         gather_features(a, rank=0, world_size=2)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_skip_all_normal_anatomies_hand_computed(reduction: str) -> None:
+    """Anatomy 0 is normal in both samples, anatomy 1 abnormal in sample 0 (logit_scale 1).
+
+    Anatomy 1 has one-hot targets and logits [[1, 0], [0, 1]]: every row's CE is
+    log(1 + e^-1), so its term is log(1 + e^-1). Anatomy 0 has FNCN targets [0.5, 0.5]: every
+    row's CE is log(1 + e) - 1/2, and so is its term. The option drops anatomy 0 only.
+    """
+    eye = torch.eye(2)
+    image = torch.stack([torch.stack([eye[i], eye[i]]) for i in range(2)])  # (N, A, E)
+    text = image.clone()
+    valid = torch.ones(2, 2, dtype=torch.bool)
+    normal = torch.tensor([[True, False], [True, True]])
+    keys = torch.tensor([[1, 2], [3, 4]])
+    abnormal_term = math.log(1 + math.exp(-1))
+    normal_term = math.log(1 + math.e) - 0.5
+    for skip, terms in ((False, [normal_term, abnormal_term]), (True, [abnormal_term])):
+        loss_fn = FineGrainedContrastiveLoss(
+            anatomy_reduction=reduction, skip_all_normal_anatomies=skip
+        )
+        emb = image.clone().requires_grad_(True)
+        out = loss_fn(emb, text, valid, normal, keys, 1.0)
+        expected = sum(terms) / (len(terms) if reduction == "mean" else 1)
+        assert out["loss"].item() == pytest.approx(expected, abs=1e-6)
+        assert out["in_loss"].tolist() == [not skip, True]
+        assert math.isnan(out["per_anatomy"][0].item()) == skip
+        out["loss"].backward()
+        # A skipped anatomy's embeddings get an exact zero gradient, still in the graph.
+        assert (emb.grad[:, 0].abs().max().item() == 0.0) == skip

@@ -141,9 +141,8 @@ def test_vision_eval_is_deterministic_with_dropout() -> None:
     model = VisionTransformer3D(VisionConfig.vit_tiny(dropout=0.5)).eval()
     image = torch.rand(1, 1, 16, 32, 32)
     torch.testing.assert_close(model(image), model(image))
-    assert all(block.attn.dropout_rate == 0.0 for block in model.blocks)
     model.train()
-    assert all(block.attn.dropout_rate == 0.5 for block in model.blocks)
+    assert not torch.equal(model(image), model(image))
 
 
 def test_activation_checkpointing_gives_same_values_and_gradients() -> None:

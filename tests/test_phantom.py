@@ -19,9 +19,12 @@ from fvlm.cli import main as fvlm_main
 from fvlm.phantom import generate_phantom, synthesize_study
 from fvlm.phantom.cli import main as phantom_main
 from fvlm.phantom.diseases import plan_findings, sample_disease_keys
+from fvlm.phantom.frame import DEMO_PLAN
 from fvlm.phantom.generate import assign_splits
+from fvlm.phantom.geometries import ScanGeometry, cut_by_field_of_view
 from fvlm.phantom.reports import NORMAL_IMPRESSIONS, KeywordIndex, write_report
 from fvlm.phantom.storage import Storage
+from fvlm.phantom.volume import nominal_span
 
 SMALL = {"shape": (24, 32, 40), "spacing": (13.0, 10.0, 10.0)}
 TABLE = load_anatomy_table("paper")
@@ -419,6 +422,9 @@ def test_impression_names_exactly_the_labelled_anatomies(dataset: Path) -> None:
         ({"shape": (40, 64)}, "three integers"),
         ({"spacing": (8.0, 0.0, 5.0)}, "positive"),
         ({"preset": "no-such-table"}, "neither a preset"),
+        ({"geometry": "knee"}, "geometry must be one of"),
+        ({"geometry": "chest", "shape": (40, 64, 80)}, "shape applies to the demo"),
+        ({"geometry": "chest", "spacing": (13.0, 10.0, 10.0)}, "too coarse"),
     ],
 )
 def test_bad_arguments_raise(kwargs: dict, message: str, tmp_path: Path) -> None:
@@ -434,16 +440,193 @@ def test_forcing_an_unknown_disease_raises() -> None:
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    args = ["--out", str(out), "--n-studies", "2", "--seed", "1", "--quiet"]
-    args += ["--shape", "24", "32", "40", "--spacing", "13", "10", "10"]
+    args = ["--out_dir", str(out), "--n_studies", "2", "--seed", "1", "--progress", "false"]
+    args += ["--shape", "[24, 32, 40]", "--spacing", "[13, 10, 10]"]
     fvlm_main(["phantom", *args])
     assert len(_read_csv(out / "manifest.csv")) == 2
     assert nib.load(out / "images/phantom_00001.nii.gz").shape in {(40, 32, 24), (24, 32, 40)}
-    assert phantom_main(["--out", str(out), "--n-studies", "0", "--quiet"]) == 2
+    assert phantom_main(["--out_dir", str(out), "--n_studies", "0", "--progress", "false"]) == 2
     assert "n_studies" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         fvlm_main(["phantom", "--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for option in ("--out", "--n-studies", "--seed", "--shape", "--spacing", "--splits"):
+    for option in ("--out_dir", "--n_studies", "--seed", "--shape", "--spacing", "--splits"):
         assert option in help_text
+
+
+# --- scan geometries: real millimetre extents, organs cut by the field of view -----------------
+
+ADULT = ("chest", "abdomen", "chest_abdomen_pelvis")
+COARSE = (6.0, 6.0, 6.0)  # same millimetre extents as the scanner-like grids, ~0.2 s a study
+TOLERANCE = COARSE[0]  # a measured extent is off by at most one voxel
+
+
+@dataclasses.dataclass
+class Scan:
+    """A coarse adult study as the tests measure it: grouped anatomy map and cut faces."""
+
+    study: object
+    anatomy: np.ndarray
+    cut: dict[str, list[str]]
+
+    def present(self, name: str) -> bool:
+        return bool((self.anatomy == TABLE[name].id).any())
+
+    def extent(self, name: str, axis: int = 0) -> float:
+        """Extent (mm) of anatomy ``name`` along ``axis`` (0: cranio-caudal, 2: left-right)."""
+        others = tuple(a for a in range(3) if a != axis)
+        index = np.flatnonzero((self.anatomy == TABLE[name].id).any(others))
+        return float((index[-1] - index[0] + 1) * self.study.grid.spacing[axis])
+
+    def whole(self, name: str) -> bool:
+        return self.present(name) and name not in self.cut
+
+
+@pytest.fixture(scope="module")
+def adult_scans() -> dict[str, list[Scan]]:
+    scans = {}
+    for geometry in ADULT:
+        scans[geometry] = []
+        for index in range(10):
+            study = synthesize_study(index, seed=0, geometry=geometry, spacing=COARSE)
+            anatomy = TABLE.group(study.labels, "v2")
+            scans[geometry].append(Scan(study, anatomy, cut_by_field_of_view(anatomy, TABLE)))
+    return scans
+
+
+def _within(value: float, low: float, high: float) -> bool:
+    return low - TOLERANCE <= value <= high + TOLERANCE
+
+
+@pytest.mark.parametrize("geometry", ADULT)
+def test_adult_anatomy_has_real_extents(geometry: str, adult_scans: dict) -> None:
+    for scan in adult_scans[geometry]:
+        diseases = scan.study.diseases
+        if scan.whole("lung"):
+            assert _within(scan.extent("lung"), 220, 300), scan.extent("lung")
+        assert _within(scan.extent("lung", axis=2), 250, 350), scan.extent("lung", axis=2)
+        if scan.whole("heart") and "heart/pericardial_effusion" not in diseases:
+            if "heart/cardiomegaly" in diseases:
+                assert scan.extent("heart") >= 150 - TOLERANCE, scan.extent("heart")
+            else:
+                assert _within(scan.extent("heart"), 110, 130), scan.extent("heart")
+        if scan.present("trachea"):  # from the neck (cut at the top) to the carina
+            assert scan.cut["trachea"] == ["superior"]
+            assert _within(scan.extent("trachea"), 120, 180), scan.extent("trachea")
+        for name in ("kidney", "liver", "spleen"):
+            if scan.whole(name):
+                assert _within(scan.extent(name), 70, 150), (name, scan.extent(name))
+    if geometry != "abdomen":  # the lungs are whole: the heart grows upwards, never below them
+        assert all(s.whole("lung") and s.whole("heart") for s in adult_scans[geometry])
+
+
+def test_chest_scans_cut_the_upper_abdomen(adult_scans: dict) -> None:
+    scans = adult_scans["chest"]
+    for scan in scans:
+        height, width, _ = scan.study.grid.extent
+        assert 250 <= height <= 420 + TOLERANCE and 300 - TOLERANCE <= width <= 450 + TOLERANCE
+        assert not scan.present("urinary_bladder") and not scan.present("hip")
+        # The esophagus leaves through the top, the aorta through the bottom: together they run
+        # through the whole scan, as in CT-RATE.
+        assert "superior" in scan.cut["esophagus"] and "inferior" in scan.cut["aorta"]
+        tubes = np.isin(scan.anatomy, [TABLE["aorta"].id, TABLE["esophagus"].id]).any((1, 2))
+        assert tubes.all()
+        assert not any(key.startswith("urinary_bladder") for key in scan.study.diseases)
+    share = {
+        name: np.mean([name in s.cut and "inferior" in s.cut[name] for s in scans])
+        for name in ("liver", "spleen", "kidney")
+    }
+    assert share["liver"] >= 0.8 and share["kidney"] >= 0.8 and share["spleen"] >= 0.4, share
+
+
+def test_abdomen_scans_cut_the_lung_bases(adult_scans: dict) -> None:
+    scans = adult_scans["abdomen"]
+    for scan in scans:
+        assert scan.cut["lung"] == ["superior"] and scan.cut["heart"] == ["superior"]
+        assert not scan.present("trachea")
+        assert scan.whole("kidney") and scan.whole("urinary_bladder") and scan.whole("pancreas")
+        assert 20 <= scan.extent("lung") <= 120  # only the bases
+    liver_dome_cut = np.mean(["liver" in s.cut for s in scans])
+    assert 0.0 < liver_dome_cut <= 0.3  # sometimes, as when a scan starts a little low
+
+
+def test_chest_abdomen_pelvis_holds_the_trunk(adult_scans: dict) -> None:
+    for scan in adult_scans["chest_abdomen_pelvis"]:
+        assert 500 <= scan.study.grid.extent[0] <= 700
+        for name in ("lung", "heart", "aorta", "liver", "spleen", "kidney", "urinary_bladder"):
+            assert scan.whole(name), name
+        assert _within(scan.extent("aorta"), 330, 420)  # arch to the iliac bifurcation
+
+
+def test_scanner_like_grids() -> None:
+    rng = np.random.default_rng(0)
+    for name, (low, high) in {"chest": (250, 420), "abdomen": (250, 450)}.items():
+        scans = ScanGeometry.checked(name)
+        grids = [scans.adult_frame(rng).grid for _ in range(200)]
+        spacing = np.array([g.spacing for g in grids])
+        assert {g.shape[1:] for g in grids} == {(512, 512)}
+        assert spacing[:, 1:].min() >= 300 / 512 and spacing[:, 1:].max() <= 450 / 512
+        assert set(spacing[:, 0]) <= {1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0}
+        assert len(set(spacing[:, 0])) >= 4
+        heights = np.array([g.extent[0] for g in grids])
+        assert low - 5 <= heights.min() and heights.max() <= high + 5, (name, heights)
+        assert spacing[:, 1].max() / spacing[:, 1].min() > 1.2  # body sizes vary
+
+
+def test_coarse_spacing_keeps_the_millimetre_extents() -> None:
+    coarse = synthesize_study(2, seed=0, geometry="chest", spacing=COARSE)
+    finer = synthesize_study(2, seed=0, geometry="chest", spacing=(4.0, 4.0, 4.0))
+    assert np.allclose(coarse.grid.extent, finer.grid.extent, atol=4.0)
+    assert coarse.diseases == finer.diseases
+    volumes = [_volume_ml(s, _mask(s, *LUNG)) for s in (coarse, finer)]
+    assert abs(volumes[0] / volumes[1] - 1) < 0.05
+
+
+def test_nominal_spans_follow_the_painters(healthy: list) -> None:
+    """The spans that decide which diseases a field of view shows match the drawn organs."""
+    for study in healthy:
+        anatomy, depth = TABLE.group(study.labels, "v2"), study.grid.shape[0]
+        for name in ("kidney", "liver", "gallbladder", "pancreas", "spleen", "aorta", "heart"):
+            rows = np.flatnonzero((anatomy == TABLE[name].id).any((1, 2)))
+            low, high = nominal_span(name, DEMO_PLAN)
+            assert abs(rows[0] / depth - low) < 0.05 and abs((rows[-1] + 1) / depth - high) < 0.05
+
+
+def test_diseases_lie_inside_the_field_of_view() -> None:
+    with pytest.raises(ValueError, match="outside this study's field of view"):
+        synthesize_study(0, geometry="chest", spacing=COARSE, diseases=["urinary_bladder/stones"])
+    study = synthesize_study(0, geometry="abdomen", spacing=COARSE, diseases=["kidney/calculi"])
+    assert _kidney_max(study) > 400
+
+
+#: sha256 (first 16 hex) of the hu and label arrays of demo studies 0-3 with seed 11, computed
+#: with the generator before the adult geometries existed: the demo must not change.
+DEMO_DIGESTS = {
+    "default": ["f6d6ebcd1be15aea", "bc2eeba69a9cee18", "a8947003aa5d6eb6", "8af41fc2fd8815e7"],
+    "small": ["fd70b863a2c1b7d5", "928760b33cb38a16", "829f32f8194d25cb", "49dd58e680216f60"],
+}
+
+
+@pytest.mark.parametrize("grid", sorted(DEMO_DIGESTS))
+def test_demo_geometry_is_unchanged(grid: str) -> None:
+    kwargs = SMALL if grid == "small" else {}
+    for index, expected in enumerate(DEMO_DIGESTS[grid]):
+        study = synthesize_study(index, seed=11, **kwargs)
+        digest = hashlib.sha256(study.hu.tobytes())
+        digest.update(study.labels.tobytes())
+        assert digest.hexdigest()[:16] == expected, index
+
+
+def test_generate_adult_geometry_records_grids_and_cuts(tmp_path: Path) -> None:
+    generate_phantom(
+        tmp_path, n_studies=2, seed=0, geometry="chest", spacing=COARSE, progress=False
+    )
+    info = json.loads((tmp_path / "phantom.json").read_text())
+    assert info["geometry"] == "chest" and info["shape"] is None and info["spacing"] == [6.0] * 3
+    for record in info["studies"]:
+        image = nib.load(tmp_path / f"images/{record['study_id']}.nii.gz")
+        assert sorted(image.shape) == sorted(record["shape"])
+        assert np.allclose(sorted(image.header.get_zooms()), COARSE)
+        assert "inferior" in record["cut_by_field_of_view"]["liver"]
+        assert "lung" not in record["cut_by_field_of_view"]

@@ -115,7 +115,9 @@ def write_dataset(folder: Path, n: int, extra_rows: list[dict] | None = None) ->
 
 
 def _config(manifest: Path, cache: Path, **overrides) -> PreprocessConfig:
-    values = {"spacing": SPACING, "workers": 1, "progress": False} | overrides
+    # the label maps here are v2 but too small for the version to be detected from them
+    values = {"spacing": SPACING, "workers": 1, "progress": False, "totalseg_version": "v2"}
+    values |= overrides
     return PreprocessConfig(manifest=manifest, cache=cache, **values)
 
 
@@ -248,6 +250,7 @@ def test_killed_run_resumes_to_identical_cache(tmp_path):
     command = [
         sys.executable, "-m", "fvlm.preprocess.cli", "--manifest", str(manifest),
         "--cache", str(cache), "--spacing", "[4, 2, 2]", "--workers", "2", "--progress", "false",
+        "--totalseg_version", "v2",
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     studies = cache / "studies"
@@ -306,7 +309,7 @@ def test_broken_inputs_fail_alone(tmp_path, capsys):
 
     cache = tmp_path / "cache"
     code = main(["--manifest", str(manifest), "--cache", str(cache), "--spacing", "[4, 2, 2]",
-                 "--workers", "1", "--progress", "false"])  # fmt: skip
+                 "--workers", "1", "--progress", "false", "--totalseg_version", "v2"])  # fmt: skip
     assert code == 1
     rows = _cache_rows(cache)
     assert {k for k, r in rows.items() if r["status"] == "ok"} == {"s000", "s001", "late"}
@@ -503,7 +506,7 @@ def test_llm_decomposer_in_worker_processes(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     with StubOpenAIServer(oracle) as server:
         llm = LLMConfig(base_url=server.base_url, model="stub", api_key_env="FVLM_TEST_LLM_KEY",
-                        timeout_s=5.0, backoff_s=0.01, max_concurrency=4)  # fmt: skip
+                        timeout_s=5.0, max_concurrency=4)  # fmt: skip
         config = _config(manifest, cache, decomposer="llm", llm=llm, workers=2)
         assert config.llm.cache_dir == cache / "llm_answers"
         summary = run_preprocess(config)
@@ -519,3 +522,127 @@ def test_llm_decomposer_in_worker_processes(tmp_path, monkeypatch):
     assert report["anatomies"]["liver"]["normal"] is False  # "Hepatic cyst." (string matching)
     assert any((cache / "llm_answers").rglob("*.json"))
     assert _cache_rows(cache)["s000"]["status"] == "ok"
+
+
+# -- field-of-view truncation ----------------------------------------------------------------------
+
+
+def test_truncated_faces_in_millimetres():
+    from fvlm.preprocess.truncation import FACES, truncated_faces
+
+    anatomy = np.zeros((10, 8, 6), dtype=np.uint8)
+    anatomy[7:10, 2:5, 2:4] = 1  # touches the superior face (last index of axis 0)
+    anatomy[3:5, 1:7, 2:4] = 2  # 1 voxel (1.5 mm) from posterior/anterior, 2 (1.6 mm) from L/R
+    anatomy[3:5, 3:4, 0:2] = 3  # touches the left face
+    spacing = (3.0, 1.5, 0.8)
+    assert truncated_faces(anatomy, spacing, 0.0) == {1: ["superior"], 3: ["left"]}
+    assert 2 not in truncated_faces(anatomy, spacing, 1.49)
+    assert truncated_faces(anatomy, spacing, 1.5)[2] == ["posterior", "anterior"]
+    assert truncated_faces(anatomy, spacing, 1.6)[2] == ["posterior", "anterior", "left", "right"]
+    # a margin beyond the volume reaches every face, each listed once
+    assert truncated_faces(anatomy, spacing, 100.0)[1] == [f for pair in FACES for f in pair]
+    with pytest.raises(ValueError, match="margin"):
+        truncated_faces(anatomy, spacing, -1.0)
+
+
+def _cut_at_top(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A study whose liver runs up to the last (superior) slice: cut by the field of view."""
+    hu, labels, affine = _study_arrays(seed)
+    liver = labels == V2["liver"]
+    column = liver.any(axis=2)  # the liver's (x, y) footprint, extended up to the top
+    top = np.zeros_like(liver)
+    top[..., 12:] = column[..., None]
+    labels[top] = V2["liver"]
+    hu[top] = 60
+    return hu, labels, affine
+
+
+def _write_studies(folder: Path, studies: dict) -> Path:
+    rows = []
+    for study, (hu, labels, affine, axcodes) in studies.items():
+        nib.save(_store(hu, affine, axcodes), folder / f"{study}.nii.gz")
+        nib.save(_store(labels, affine, axcodes), folder / f"{study}_seg.nii.gz")
+        rows.append([study, f"{study}.nii.gz", f"{study}_seg.nii.gz", FINDINGS, IMPRESSION])
+    manifest = folder / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        csv.writer(handle).writerows(
+            [["study_id", "image", "mask", "findings", "impression"], *rows]
+        )
+    return manifest
+
+
+def test_field_of_view_truncation_in_meta_and_summary(tmp_path):
+    from fvlm.preprocess.cache import StudyCache
+
+    studies = {"whole": (*_study_arrays(1), "RAS")}  # liver top 2 slices (6 mm) below the face
+    studies |= {f"cut_{ax}": (*_cut_at_top(1), ax) for ax in ("RAS", "LPS", "PIR")}
+    studies["near"] = (*_study_arrays(0), "LPS")  # liver top 1 slice (3 mm) below the face
+    manifest = _write_studies(tmp_path, studies)
+    table = load_anatomy_table("paper")
+
+    def liver(cache: Path, study: str) -> dict:
+        return StudyCache(cache).study_meta(study)["anatomies"]["liver"]
+
+    summary = run_preprocess(_config(manifest, tmp_path / "c3", truncation_margin_mm=3.0))
+    assert summary.exit_code == 0, summary.format()
+    for ax in ("RAS", "LPS", "PIR"):  # the face is named the same however the file is stored
+        entry = liver(tmp_path / "c3", f"cut_{ax}")
+        assert entry["truncated"] is True and entry["truncated_faces"] == ["superior"], ax
+        assert entry["bbox"][0][1] == StudyCache(tmp_path / "c3").study_meta("whole")["shape"][0]
+    assert liver(tmp_path / "c3", "near")["truncated_faces"] == ["superior"]  # 3 mm <= 3 mm
+    assert liver(tmp_path / "c3", "whole")["truncated"] is False
+    meta = StudyCache(tmp_path / "c3").study_meta("cut_LPS")
+    assert meta["settings"]["truncation_margin_mm"] == 3.0
+    truncated = StudyCache.truncated(meta, table, "cut_LPS")
+    assert [table.names[i] for i in np.flatnonzero(truncated)] == ["liver"]
+    # per anatomy: present in all 5 studies, complete in 1 (whole); spleen complete everywhere
+    assert summary.anatomy_counts["liver"] == (5, 1)
+    assert summary.anatomy_counts["spleen"] == (5, 5)
+    assert "liver 5/1" in summary.format() and "spleen 5/5" in summary.format()
+    # a rerun skips every study and still reports the counts (read from meta.json)
+    again = run_preprocess(_config(manifest, tmp_path / "c3", truncation_margin_mm=3.0))
+    assert again.counts["skipped"] == 5 and again.anatomy_counts == summary.anatomy_counts
+
+    # margin 0: only a mask touching the face is cut; one voxel (3 mm) inside is complete
+    zero = run_preprocess(_config(manifest, tmp_path / "c0", truncation_margin_mm=0.0))
+    assert liver(tmp_path / "c0", "near")["truncated"] is False
+    assert liver(tmp_path / "c0", "cut_PIR")["truncated_faces"] == ["superior"]
+    assert zero.anatomy_counts["liver"] == (5, 2)
+    # the margin enters the settings' hash: changing it redoes the studies
+    assert summary.exit_code == zero.exit_code == 0
+    changed = run_preprocess(_config(manifest, tmp_path / "c0", truncation_margin_mm=2.9))
+    assert changed.counts["ok"] == 5 and liver(tmp_path / "c0", "near")["truncated"] is False
+    with pytest.raises(ValueError, match="truncation_margin_mm"):
+        _config(manifest, tmp_path / "c", truncation_margin_mm=-1.0)
+
+
+def test_open_ends_do_not_make_an_anatomy_incomplete():
+    """The aorta leaving the scan at its last slice is complete; the liver or a side face is not."""
+    from fvlm.preprocess.runner import _with_truncation
+
+    table = load_anatomy_table("paper")
+    assert table["aorta"].open_ends == ("inferior", "superior")
+    assert table["liver"].open_ends == ()
+    stats = {name: {"id": table[name].id} for name in ("aorta", "liver", "esophagus")}
+    cut = {
+        table["aorta"].id: ["inferior", "superior"],
+        table["liver"].id: ["superior"],
+        table["esophagus"].id: ["superior", "left"],  # cut in-plane too: truncated
+    }
+    out = _with_truncation(stats, cut, table)
+    assert out["aorta"] == {
+        "id": table["aorta"].id,
+        "truncated": False,
+        "truncated_faces": ["inferior", "superior"],
+    }
+    assert out["liver"]["truncated"] is True and out["esophagus"]["truncated"] is True
+
+
+def test_open_ends_are_validated(tmp_path):
+    from fvlm.anatomy import AnatomyTableError
+
+    text = (Path(__file__).parents[1] / "src/fvlm/anatomy_presets/chest.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("open_ends: [inferior, superior]", "open_ends: [anterior]", 1))
+    with pytest.raises(AnatomyTableError, match="open_ends"):
+        load_anatomy_table(bad)

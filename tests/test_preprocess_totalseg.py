@@ -11,12 +11,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from fvlm.anatomy import totalsegmentator_classes
 from fvlm.preprocess.cli import main
 from fvlm.preprocess.config import PreprocessConfig
 from fvlm.preprocess.runner import run_preprocess
 from fvlm.preprocess.segmentation import (
     TotalSegmentatorUnavailable,
+    UndecidableVersion,
     check_totalsegmentator,
+    detect_totalseg_version,
+    mask_class_names,
     totalsegmentator_weights,
 )
 
@@ -146,3 +150,70 @@ def test_with_weights_the_python_api_is_called_on_the_hu_image(no_weights, tmp_p
     meta = json.loads((tmp_path / "cache" / "studies" / "a" / "meta.json").read_text())
     assert meta["segmentation"]["totalseg_version"] == "v2"
     assert meta["anatomies"]["liver"]["voxels"] == 6 * 6 * 4 * (2 * 2 * 5) // (5 * 2 * 2)
+
+
+# -- which TotalSegmentator version wrote a mask -------------------------------------------------
+
+
+def _map(counts: dict[int, int], shape=(40, 40, 40)) -> np.ndarray:
+    """A label map with ``counts[id]`` voxels of each class, in consecutive runs."""
+    flat = np.zeros(int(np.prod(shape)), np.uint8)
+    start = 0
+    for cid, n in counts.items():
+        flat[start : start + n] = cid
+        start += n
+    return flat.reshape(shape)
+
+
+def _ids(version: str) -> dict[str, int]:
+    return {name: cid for cid, name in totalsegmentator_classes(version).items()}
+
+
+# a chest scan's classes and voxel counts (lobes large, esophagus/trachea small; no id > 104)
+CHEST = {"lung_upper_lobe_left": 3000, "lung_lower_lobe_left": 3500, "lung_upper_lobe_right": 3000,
+         "lung_middle_lobe_right": 1200, "lung_lower_lobe_right": 3800, "esophagus": 150,
+         "trachea": 200, "liver": 2000, "vertebrae_T5": 120}  # fmt: skip
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_version_from_class_sizes_whatever_the_affine(version):
+    ids = _ids(version)
+    labels = _map({ids[name]: n for name, n in CHEST.items()})
+    found, why = detect_totalseg_version(labels)
+    assert found == version
+    expected = 3000 + 3500 + 3000 if version == "v2" else 3000 + 1200 + 3800
+    assert f"lung lobes: {expected} vs" in why
+    # no affine enters: any flip or transpose of the voxels gives the same answer
+    assert detect_totalseg_version(np.flip(labels, axis=0).transpose(2, 0, 1))[0] == version
+
+
+def test_version_from_the_class_names_totalsegmentator_writes(tmp_path):
+    from totalsegmentator.nifti_ext_header import add_label_map_to_nifti
+
+    labels = _map({7: 500, 31: 400})  # v2: pancreas + L1, v1: aorta + T4; sizes tell nothing
+    for version in ("v1", "v2"):
+        path = tmp_path / f"{version}.nii.gz"
+        image = nib.Nifti1Image(labels, np.diag([1.5, 1.5, 3.0, 1.0]))
+        nib.save(add_label_map_to_nifti(image, totalsegmentator_classes(version)), path)
+        assert mask_class_names(path)[31] == totalsegmentator_classes(version)[31]
+        found, why = detect_totalseg_version(labels, path=path)
+        assert found == version and "class names in the mask header" in why
+    renamed = tmp_path / "renamed.nii.gz"
+    nib.save(add_label_map_to_nifti(nib.Nifti1Image(labels, np.eye(4)), {7: "x", 31: "y"}), renamed)
+    with pytest.raises(UndecidableVersion, match=r"renamed.nii.gz: the class names .* neither"):
+        detect_totalseg_version(labels, path=renamed)
+
+
+def test_undecidable_maps_are_errors_naming_the_file(tmp_path):
+    assert detect_totalseg_version(_map({5: 900, 2: 100}))[1].endswith("same classes in v1 and v2")
+    assert detect_totalseg_version(_map({5: 900, 117: 10}))[0] == "v2"  # an id only v2 has
+    bare = _map({7: 500, 31: 400})
+    path = tmp_path / "m.nii.gz"
+    nib.save(nib.Nifti1Image(bare, np.eye(4)), path)  # no names in its header
+    with pytest.raises(UndecidableVersion, match=r"m.nii.gz: .* absent or too small .* v1 or v2$"):
+        detect_totalseg_version(bare, path=path)
+    # lungs say v2 (ids 10-12 large), bowel says v1 (ids 55-57 large): contradictory
+    mixed = _map({10: 3000, 11: 3000, 15: 100, 55: 2000, 18: 100})
+    with pytest.raises(UndecidableVersion, match="contradict each other"):
+        detect_totalseg_version(mixed)
+    assert detect_totalseg_version(bare, "v1") == ("v1", "set by config")

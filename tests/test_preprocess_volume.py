@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import re
 
 import nibabel as nib
 import numpy as np
 import pytest
 from nibabel import orientations
 
+from fvlm.preprocess.geometry import (
+    GeometryError,
+    GeometryRule,
+    MetadataGeometry,
+    header_problem,
+    resolve_geometry,
+)
 from fvlm.preprocess.rescale import apply_rescale, decide_rescale
 from fvlm.preprocess.volume import (
     CANONICAL_AXCODES,
@@ -17,6 +25,7 @@ from fvlm.preprocess.volume import (
     canonicalise,
     load_nifti,
     resample,
+    voxel_sizes,
     window_hu,
 )
 
@@ -227,7 +236,7 @@ def test_nifti_header_scaling_is_applied_once(tmp_path):
 
 def test_load_nifti_rejects_broken_files(tmp_path):
     good = tmp_path / "good.nii.gz"
-    nib.save(nib.Nifti1Image(_hu_phantom(), np.eye(4)), good)
+    nib.save(nib.Nifti1Image(_hu_phantom(), np.diag([0.8, 0.8, 2.0, 1.0])), good)
     truncated = tmp_path / "truncated.nii.gz"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     corrupt = tmp_path / "corrupt.nii.gz"
@@ -251,3 +260,100 @@ def test_pipeline_order_is_orientation_independent(axcodes):
         window_hu(out.data, (-300, 400)), window_hu(out_ref.data, (-300, 400))
     )
     np.testing.assert_allclose(out.affine, out_ref.affine, atol=1e-9)
+
+
+# -- geometry: header or metadata ---------------------------------------------------------------
+
+
+def test_metadata_geometry_gives_the_dicom_affine_in_ras():
+    # CT-RATE's default: axial, i -> patient's left, j -> posterior, k -> superior (LPS order)
+    geometry = MetadataGeometry((0.7, 0.8, 1.5), (1, 0, 0, 0, 1, 0), (-170.0, -200.0, -300.0))
+    affine = geometry.affine()
+    np.testing.assert_allclose(affine[:3, :3], np.diag([-0.7, -0.8, 1.5]))
+    np.testing.assert_allclose(affine[:3, 3], [170.0, 200.0, -300.0])  # LPS -> RAS
+    assert nib.aff2axcodes(affine) == ("L", "P", "S")
+    assert MetadataGeometry((0.7, 0.8, 1.5)).affine()[:3, 3].tolist() == [0.0, 0.0, 0.0]
+    # coronal: i -> left, j -> inferior (column cosine (0, 0, -1)), k along i x j -> posterior
+    coronal = MetadataGeometry((1.0, 2.0, 3.0), (1, 0, 0, 0, 0, -1)).affine()
+    assert nib.aff2axcodes(coronal) == ("L", "I", "P")
+    with pytest.raises(GeometryError, match="orthogonal unit"):
+        MetadataGeometry((1.0, 1.0, 1.0), (1, 0, 0, 1, 0, 0))
+    with pytest.raises(GeometryError, match="positive"):
+        MetadataGeometry((1.0, 0.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    ("affine", "codes", "expected"),
+    [
+        (np.diag([0.7, 0.7, 1.5, 1.0]), (0, 2), None),
+        (np.eye(4), (0, 2), "identity affine"),
+        (np.diag([0.7, 0.0, 1.5, 1.0]), (0, 2), r"column\(s\) \[1\] have zero length"),
+        (np.diag([0.7, 0.7, 1.5, 1.0]), (0, 0), "qform_code and sform_code are 0"),
+        (np.diag([700.0, 700.0, 1500.0, 1.0]), (0, 2), "outside the plausible 0.1-20 mm"),
+        (np.array([[1, 0.1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]), (0, 2), "shear"),
+    ],
+    ids=["usable", "identity", "zero-column", "no-transform", "metres", "sheared"],
+)
+def test_uninformative_headers_are_recognised(affine, codes, expected):
+    problem = header_problem(affine, transform_codes=codes)
+    if expected is None:
+        assert problem is None
+    else:
+        assert problem is not None and re.search(expected, problem), problem
+
+
+def test_resolve_geometry_chooses_and_records():
+    metadata = MetadataGeometry((0.75, 0.75, 1.5))
+    rule = GeometryRule(target_spacing=(1.5, 0.75, 0.75))
+    affine, record = resolve_geometry(np.eye(4), (480, 480, 200), metadata, rule)
+    assert record["source"] == "metadata" and "identity" in record["reason"]
+    assert voxel_sizes(affine) == pytest.approx((0.75, 0.75, 1.5))
+    assert record["output_shape"] == [200, 480, 480]  # 300 mm / 1.5, 360 mm / 0.75
+    header = np.diag([-0.75, -0.75, 1.5, 1.0])
+    _, record = resolve_geometry(header, (480, 480, 200), metadata, rule)
+    assert record["source"] == "header" and record["warning"] is None
+    _, record = resolve_geometry(header, (480, 480, 200), MetadataGeometry((0.6, 0.6, 1.5)), rule)
+    assert "differs from the metadata's 0.6x0.6x1.5 mm" in record["warning"]
+    forced, record = resolve_geometry(header, (4, 4, 4), metadata, GeometryRule("metadata"))
+    assert record["source"] == "metadata" and nib.aff2axcodes(forced) == ("L", "P", "S")
+    with pytest.raises(GeometryError, match="identity affine .* no spacing for this study"):
+        resolve_geometry(np.eye(4), (4, 4, 4), None, rule)
+    with pytest.raises(GeometryError, match="'metadata' is set"):
+        resolve_geometry(header, (4, 4, 4), None, GeometryRule("metadata"))
+    # 'header' trusts an identity affine (1 mm voxels) but never an unusable one
+    assert resolve_geometry(np.eye(4), (4, 4, 4), None, GeometryRule("header"))[1]["source"] == (
+        "header"
+    )
+    with pytest.raises(GeometryError, match="zero length"):
+        resolve_geometry(np.diag([1.0, 0.0, 1.0, 1.0]), (4, 4, 4), None, GeometryRule("header"))
+
+
+def test_output_grid_over_budget_fails_before_reading_any_voxel(tmp_path):
+    # A header spacing 1000x too small for the target... and a file whose voxels are cut off:
+    # the geometry error comes first, so no voxel was read (and nothing was allocated).
+    image = nib.Nifti1Image(np.zeros((512, 512, 300), np.int16), np.diag([0.7, 0.7, 1.5, 1.0]))
+    path = tmp_path / "big.nii"
+    nib.save(image, path)
+    with path.open("r+b") as handle:
+        handle.truncate(2048)
+    rule = GeometryRule(target_spacing=(0.05, 0.05, 0.05), spacing_range_mm=(0.01, 20.0))
+    with pytest.raises(GeometryError, match=r"output grid 9000x7168x7168 .* exceeds the budget"):
+        load_nifti(path, rule=rule)
+    with pytest.raises(GeometryError, match="outside the plausible"):
+        load_nifti(path, rule=GeometryRule(spacing_range_mm=(1.0, 20.0)))
+    with pytest.raises(OSError, match="Expected 157286400 bytes"):  # sane rule: voxels read
+        load_nifti(path, rule=GeometryRule(target_spacing=(1.5, 0.7, 0.7)))
+
+
+def test_identity_affine_volume_takes_the_metadata_geometry(tmp_path):
+    hu = _hu_phantom()
+    path = tmp_path / "identity.nii.gz"
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), path)
+    loaded = load_nifti(path, MetadataGeometry((0.8, 0.8, 2.0)))
+    assert loaded.volume.spacing == pytest.approx((0.8, 0.8, 2.0))
+    assert loaded.volume.axcodes == ("L", "P", "S")
+    assert loaded.geometry["source"] == "metadata"
+    assert loaded.geometry["header_problem"].startswith("identity affine")
+    np.testing.assert_array_equal(loaded.volume.data, hu)
+    with pytest.raises(GeometryError, match="no spacing for this study"):
+        load_nifti(path)

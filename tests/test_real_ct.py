@@ -55,7 +55,7 @@ def test_source_scan_as_expected(ct, labels):
     assert ct.volume.data.dtype == np.int16
     assert int(ct.volume.data.min()) == -1100 and int(ct.volume.data.max()) == 1207
     assert labels.shape == ct.volume.data.shape == (122, 101, 30)
-    assert detect_totalseg_version(labels, ct.volume.affine)[0] == "v2"
+    assert detect_totalseg_version(labels)[0] == "v2"
 
 
 @pytest.mark.parametrize("preset", ["paper", "chest"])
@@ -126,9 +126,11 @@ def test_version_detection_without_the_v2_only_ids(labels, ct):
         lut[cid] = v1.get(name, 0)
     as_v1 = lut[labels]
     assert as_v1.max() <= 104
-    assert detect_totalseg_version(as_v1, ct.volume.affine)[0] == "v1"
+    version, why = detect_totalseg_version(as_v1)
+    assert version == "v1" and "bowel: 15123 vs 0 voxels" in why
     cut = np.where(labels > 104, 0, labels)
-    assert detect_totalseg_version(cut, ct.volume.affine)[0] == "v2"
+    version, why = detect_totalseg_version(cut)
+    assert version == "v2" and "lung lobes: 1571 vs 0 voxels" in why
     # grouping the v1 map with the v1 classes gives the same anatomy map as v2 for the classes
     # both versions share (the paper table maps both)
     table = load_anatomy_table("paper")

@@ -18,16 +18,20 @@ from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
-from cache_factory import write_cache
+from cache_factory import DEFAULT_ANATOMIES, write_cache
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from fvlm.anatomy import load_anatomy_table
 from fvlm.cli import main as fvlm_main
 from fvlm.data_modules import CachedStudyDataset, CTReportDataModule, collate_studies
+from fvlm.data_modules.study_dataset import read_cache_manifest
+from fvlm.evaluation import evaluate_scores, zero_shot_scores
 from fvlm.lit_modules import FineGrainedCLIPModule
 from fvlm.lit_modules.cli import run_cli
 from fvlm.models import VisionConfig, load_tokenizer
@@ -144,20 +148,31 @@ def test_cli_fit_fast_dev_run(
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
 
 
-def test_fit_refuses_hu_windows_over_another_cache_window(
+def test_cli_reads_the_hu_window_from_the_cache(
     cache: Path, tmp_path: Path, tiny_text: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """``vision.source_hu_window`` is linked from the cache (windowed over [-300, 400] HU)."""
     monkeypatch.setattr(sys, "argv", ["fvlm"])
     config = write_config(tmp_path, cache, tiny_text, "FineGrainedCLIPModule")
-    windows = ["--model.init_args.vision.hu_windows=[[-150, 250]]"]
-    # The test cache is windowed over [-300, 400] HU.
-    with pytest.raises(ValueError, match=r"preprocessed with hu_window \(-300.0, 400.0\)"):
-        run_cli(["fit", "--config", str(config), "--trainer.fast_dev_run=1", *windows,
-                 "--model.init_args.vision.source_hu_window=[-1000, 1000]"])  # fmt: skip
-    cli = run_cli(["fit", "--config", str(config), "--trainer.fast_dev_run=1", *windows,
-                   "--model.init_args.vision.source_hu_window=[-300, 400]"])  # fmt: skip
-    assert cli.model.network.vision.patch_embedding.patch_embeddings.weight.shape[1] == 1
+    windows = ["--model.init_args.vision.hu_windows=[[-150, 250], [-300, 0]]"]
+    cli = run_cli(["fit", "--config", str(config), "--trainer.fast_dev_run=1", *windows])
+    vision = cli.model.network.vision
+    assert vision.config.source_hu_window == (-300.0, 400.0)
+    assert vision.config.img_size == CROP  # linked from data.crop_size
+    assert vision.patch_embedding.patch_embeddings.weight.shape[1] == 2
     assert cli.trainer.global_step == 1
+
+
+def test_fit_refuses_a_model_built_for_another_cache_window(cache: Path, tiny_text: dict) -> None:
+    """A module built in Python with a stated window fails fast on a cache of another window."""
+    config = vision(CROP) | {"hu_windows": [[-150, 250]], "source_hu_window": [-1000, 1000]}
+    module = FineGrainedCLIPModule(
+        num_anatomies=35, vision=VisionConfig(**config), text_config=tiny_text, embed_dim=16
+    )
+    data = CTReportDataModule(str(cache), "paper", crop_size=CROP, batch_size=4, num_workers=0)
+    trainer = Trainer(accelerator="cpu", fast_dev_run=1, logger=False)
+    with pytest.raises(ValueError, match=r"preprocessed with hu_window \(-300.0, 400.0\)"):
+        trainer.fit(module, datamodule=data)
 
 
 def test_fvlm_fit_help_lists_model_and_data(capsys: pytest.CaptureFixture[str]) -> None:
@@ -302,3 +317,109 @@ def test_short_fit_takes_the_loss_below_chance(
     assert 0.95 * chance < before < 1.15 * chance, numbers
     assert after < 0.92 * chance and after < 0.85 * before, numbers
     assert last < 0.88 * first, numbers
+
+
+# -- zero-shot AUROC and `fvlm test` ------------------------------------------------------------
+
+
+def write_labels(cache: Path, path: Path, seed: int = 0) -> Path:
+    """Random 0/1 labels (a few unknown) for the diseases of the cache's anatomies."""
+    table = load_anatomy_table("paper")
+    keys = [d.key for d in table.diseases() if d.anatomy in DEFAULT_ANATOMIES]
+    studies = [row["study_id"] for row in read_cache_manifest(cache) if row["status"] == "ok"]
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 2, (len(studies), len(keys))).astype(float)
+    values[rng.random(values.shape) < 0.1] = np.nan
+    frame = pd.DataFrame(values, columns=keys).assign(study_id=studies)
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_validation_auroc_matches_evaluation_metrics(
+    tmp_path: Path, tiny_text: dict, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Logged ``val/auroc/<disease>`` equal the evaluation's AUROC on the whole split's scores."""
+    cache = write_cache(tmp_path / "cache", n_train=4, n_val=10, shape=SHAPE, seed=3)
+    labels = write_labels(cache, tmp_path / "labels.csv")
+    _, module, _ = fine_grained_run(cache, tmp_path, tiny_text, 1)
+    data = CTReportDataModule(
+        str(cache), "paper", crop_size=CROP, batch_size=4, num_workers=0, max_text_length=32,
+        labels=str(labels),
+    )  # fmt: skip
+    trainer = Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    (logged,) = trainer.validate(module, datamodule=data, verbose=False)
+
+    dataset = data.datasets["val"]
+    batch = collate_studies([dataset[i] for i in range(len(dataset))])
+    tokenizer = load_tokenizer("minilm")
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        tokens = tokenizer(texts, padding=True, return_tensors="pt")
+        return module.network.encode_text(tokens["input_ids"], tokens["attention_mask"])
+
+    table = load_anatomy_table("paper")
+    truth = pd.read_csv(labels, dtype={"study_id": str}).set_index("study_id")
+    diseases = [d for d in table.diseases() if d.key in truth.columns]
+    module.eval()
+    with torch.no_grad():
+        out = module(batch)
+        scores = zero_shot_scores(
+            out.image_emb, out.valid, encode, out.logit_scale, table, diseases,
+            study_ids=batch["study_id"], output="logit",
+        )  # fmt: skip
+    reference = evaluate_scores(scores, truth.loc[scores.index, scores.columns])
+    scored = reference.drop(index="macro")
+    scored = scored[(scored["n_pos"] > 0) & (scored["n_neg"] > 0)]
+    assert len(scored) >= 3
+    for key, row in scored.iterrows():
+        assert logged[f"val/auroc/{key}"] == pytest.approx(row["auroc"], abs=1e-5), key
+    assert logged["val/auroc_macro"] == pytest.approx(scored["auroc"].mean(), abs=1e-5)
+
+
+def test_fit_selects_on_auroc_and_fvlm_test_runs(
+    cache: Path, tmp_path: Path, tiny_text: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["fvlm"])
+    labels = write_labels(cache, tmp_path / "labels.csv")
+    best = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(tmp_path / "best"), "monitor": "val/auroc_macro",
+                      "mode": "max", "save_top_k": 1},
+    }  # fmt: skip
+    trainer = {"enable_checkpointing": True, "max_epochs": 2, "callbacks": [best]}
+    config = write_config(tmp_path, cache, tiny_text, "GlobalCLIPModule", trainer=trainer)
+    extra = [f"--data.labels={labels}", "--data.test_split=val"]
+    cli = run_cli(["fit", "--config", str(config), *extra])
+    callback = cli.trainer.checkpoint_callback
+    assert callback.monitor == "val/auroc_macro" and math.isfinite(float(callback.best_model_score))
+    # `fvlm test` on that checkpoint: Lightning reads it with weights_only=True.
+    cli = run_cli(
+        ["test", "--config", str(config), *extra, f"--ckpt_path={callback.best_model_path}"]
+    )
+    metrics = cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["test/loss"])
+    assert 0.0 <= float(metrics["test/auroc_macro"]) <= 1.0
+
+
+def test_demo_clip_overlay_changes_only_the_model_and_run_folder(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--config demo.yaml --config demo_clip.yaml`` keeps the towers, data and schedule."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+
+    def printed(*files: str) -> dict:
+        args = [a for f in files for a in ("--config", str(configs / f))]
+        with pytest.raises(SystemExit):
+            fvlm_main(["fit", *args, "--print_config"])
+        return yaml.safe_load(capsys.readouterr().out)
+
+    fvlm, clip = printed("demo.yaml"), printed("demo.yaml", "demo_clip.yaml")
+    assert clip["model"]["class_path"] == "fvlm.lit_modules.GlobalCLIPModule"
+    assert clip["model"]["init_args"]["fncn"] is False
+    for key in ("vision", "embed_dim", "text_pooling", "optimizer", "min_lr", "warmup_epochs"):
+        assert clip["model"]["init_args"][key] == fvlm["model"]["init_args"][key], key
+    assert clip["data"] == fvlm["data"]
+    assert clip["trainer"]["max_epochs"] == fvlm["trainer"]["max_epochs"] == 25
+    assert clip["trainer"]["default_root_dir"] == "runs/demo/clip"

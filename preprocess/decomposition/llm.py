@@ -9,12 +9,15 @@ Robustness, because a preprocessing run sends tens of prompts per report for hou
 
 * every parseable answer is cached on disk under the SHA-256 of (model, messages), one JSON file
   per prompt written atomically, so an interrupted or repeated run asks nothing twice;
-* timeouts, connection errors, 429 and 5xx are retried with exponential backoff; an unparseable
-  answer is retried too; when the attempts run out that (section, anatomy) falls back to the
-  rule-based result, and every case is counted in :attr:`Decomposition.outcomes`;
-* an unreachable server (connection refused, or 401/403/404 on every request) opens a circuit
-  breaker: one warning, then everything falls back to the rules without waiting on the network;
-  the server is tried again after ``down_retry_s``.
+* timeouts, connection errors, 408, 409, 429 and 5xx are retried by the ``openai`` client itself
+  (``max_retries``: exponential backoff with jitter, honouring the server's ``Retry-After``); an
+  unparseable answer is asked again here, since no client can know what parses; when either runs
+  out, that (section, anatomy) falls back to the rule-based result, and every case is counted in
+  :attr:`Decomposition.outcomes` (``retry`` is every request beyond a prompt's first);
+* an unusable server (connections still refused after the client's retries, or a 401/403/404:
+  wrong key, model or URL) opens a circuit breaker, which the client lacks: one warning, then
+  everything falls back to the rules without waiting on the network; the server is tried again
+  after ``down_retry_s``.
 
 The API key is read from the environment variable named in :class:`LLMConfig` when the client is
 created and lives only inside the (unpicklable, never logged) client object.
@@ -56,7 +59,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Messages = list[dict[str, str]]
-_RETRYABLE_STATUS = {408, 409, 429}
+# The header the openai client stamps on every attempt of one request (0 on the first).
+_RETRY_COUNT_HEADER = "x-stainless-retry-count"
 # Status codes that will not get better for the next prompt: wrong key, model or URL.
 _FATAL_STATUS = {401, 403, 404}
 
@@ -73,9 +77,10 @@ class LLMConfig:
         temperature: Sampling temperature; 0 makes answers reproducible and cacheable.
         max_tokens: Answer length limit; descriptions are a few sentences.
         max_concurrency: Prompts in flight at once per decomposer (per worker process).
-        timeout_s: Per-request timeout in seconds.
-        max_attempts: Tries per prompt (first try included) before falling back to the rules.
-        backoff_s: Wait before the first retry; doubled for each further retry.
+        timeout_s: Per-request timeout in seconds (the client's ``timeout``).
+        max_attempts: Tries per prompt (first try included) before falling back to the rules:
+            the client's transport retries are ``max_attempts - 1``, and an unparseable answer
+            is asked again up to ``max_attempts`` times.
         down_retry_s: After the server is found unreachable, seconds before trying it again.
         cache_dir: Directory of cached answers; ``None`` disables the cache.
     """
@@ -88,7 +93,6 @@ class LLMConfig:
     max_concurrency: int = 8
     timeout_s: float = 60.0
     max_attempts: int = 3
-    backoff_s: float = 1.0
     down_retry_s: float = 60.0
     cache_dir: Path | None = None
 
@@ -100,7 +104,6 @@ class LLMConfig:
             "max_attempts": self.max_attempts >= 1,
             "max_tokens": self.max_tokens >= 1,
             "timeout_s": self.timeout_s > 0,
-            "backoff_s": self.backoff_s >= 0,
             "down_retry_s": self.down_retry_s >= 0,
             "temperature": self.temperature >= 0,
         }
@@ -222,40 +225,20 @@ class LLMDecomposer:
         if cached is not None and (parsed := parse(cached)) is not None:
             counts["cache_hit"] += 1
             return parsed
-        refused = 0
         for attempt in range(self.config.max_attempts):
             if self._server_down():
                 counts["skipped_server_down"] += 1
                 return None
             if attempt:
                 counts["retry"] += 1
-                time.sleep(self.config.backoff_s * 2 ** (attempt - 1))
-                if self._server_down():
-                    counts["skipped_server_down"] += 1
-                    return None
             try:
-                answer = self._complete(messages)
-            except openai.APITimeoutError:
-                counts["error_timeout"] += 1
-                continue
-            except openai.APIConnectionError as err:
-                counts["error_connection"] += 1
-                refused += 1
-                if refused == self.config.max_attempts:
-                    self._mark_down(f"connection failed: {err}")
-                continue
-            except openai.APIStatusError as err:
-                counts[f"error_http_{err.status_code}"] += 1
-                if err.status_code in _FATAL_STATUS:
-                    self._mark_down(f"HTTP {err.status_code} for model {self.config.model!r}")
-                    return None
-                if err.status_code >= 500 or err.status_code in _RETRYABLE_STATUS:
-                    continue
-                return None  # e.g. 400: this prompt is rejected, retrying will not help
-            except openai.OpenAIError as err:  # e.g. a 200 whose body is not a completion
-                counts["error_other"] += 1
-                log.debug("LLM request failed: %s: %s", type(err).__name__, err)
-                continue
+                answer, retries = self._complete(messages)
+            except openai.APIError as err:
+                # The client has already retried what can get better by retrying.
+                counts["retry"] += _retries_taken(err)
+                self._count_failure(err, counts)
+                return None
+            counts["retry"] += retries
             self._mark_up()
             parsed = parse(answer)
             if parsed is None:
@@ -268,16 +251,36 @@ class LLMDecomposer:
             return parsed
         return None
 
-    def _complete(self, messages: Messages) -> str:
-        response = self._get_client().chat.completions.create(
+    def _count_failure(self, err: openai.APIError, counts: Counter) -> None:
+        """Count a request the client gave up on; open the breaker if the server is unusable."""
+        if isinstance(err, openai.APITimeoutError):
+            counts["error_timeout"] += 1
+        elif isinstance(err, openai.APIConnectionError):
+            counts["error_connection"] += 1
+            self._mark_down(f"connection failed: {err}")
+        elif isinstance(err, openai.APIStatusError):
+            counts[f"error_http_{err.status_code}"] += 1
+            if err.status_code in _FATAL_STATUS:
+                self._mark_down(f"HTTP {err.status_code} for model {self.config.model!r}")
+        else:
+            counts["error_other"] += 1
+            log.debug("LLM request failed: %s: %s", type(err).__name__, err)
+
+    def _complete(self, messages: Messages) -> tuple[str, int]:
+        """The answer's text and the number of retries the client needed for it."""
+        raw = self._get_client().chat.completions.with_raw_response.create(
             model=self.config.model,
             messages=messages,  # type: ignore[arg-type]
             temperature=self.config.temperature,
             max_tokens=self.config.max_tokens,
         )
-        if not response.choices:
-            return ""
-        return response.choices[0].message.content or ""
+        try:
+            content = raw.parse().choices[0].message.content
+        except (ValueError, TypeError, AttributeError, IndexError) as err:
+            # A 200 whose body is no completion (not JSON, no choices): an unparseable answer.
+            log.debug("LLM answer is no chat completion: %s: %s", type(err).__name__, err)
+            content = None
+        return content if isinstance(content, str) else "", raw.retries_taken
 
     def _get_client(self) -> openai.OpenAI:
         with self._lock:
@@ -289,7 +292,7 @@ class LLMDecomposer:
                     base_url=self.config.base_url,
                     api_key=key or "EMPTY",
                     timeout=self.config.timeout_s,
-                    max_retries=0,
+                    max_retries=self.config.max_attempts - 1,
                 )
             return self._client
 
@@ -360,3 +363,11 @@ class LLMDecomposer:
                 Path(tmp).unlink(missing_ok=True)
             return False
         return True
+
+
+def _retries_taken(err: openai.APIError) -> int:
+    """Retries the client made before raising ``err`` (read from its last request's header)."""
+    try:
+        return int(err.request.headers.get(_RETRY_COUNT_HEADER, 0))
+    except (AttributeError, ValueError):
+        return 0

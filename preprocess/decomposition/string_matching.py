@@ -5,29 +5,21 @@ An LLM asked "is the small intestine mentioned?" may answer No to a sentence abo
 adjectives) and a keyword hit counts as a mention. The rule-based decomposer uses the same matcher
 to assign sentences to anatomies.
 
-Matching is case-insensitive, on whole words, and multiword keywords tolerate any run of spaces,
-line breaks or hyphens between their words. All keywords of all anatomies are searched at once and
-the longest keyword wins at each position, so "pulmonary artery" is the pulmonary artery and never
-the lung, and "splenic vein" is the portal/splenic vein and never the spleen.
+Matching follows :func:`fvlm.anatomy.keyword_pattern` (case-insensitive, whole words, multiword
+keywords tolerate any run of spaces, line breaks or hyphens between their words), the same rule the
+phantom words its reports by. All keywords of all anatomies are searched at once and the longest
+keyword wins at each position, so "pulmonary artery" is the pulmonary artery and never the lung,
+and "splenic vein" is the portal/splenic vein and never the spleen.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from fvlm.anatomy import Anatomy, AnatomyTable
+from fvlm.anatomy import Anatomy, AnatomyTable, keyword_pattern, normalize_keyword
 
-__all__ = ["KeywordMatch", "KeywordMatcher", "normalize_keyword"]
-
-_ALNUM = "A-Za-z0-9"
-_GAP = re.compile(r"[\s\-]+")
-
-
-def normalize_keyword(text: str) -> str:
-    """Lower-case ``text`` and collapse spaces/hyphens, so that matches map back to keywords."""
-    return _GAP.sub(" ", text.strip().lower())
+__all__ = ["KeywordMatch", "KeywordMatcher"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +33,7 @@ class KeywordMatch:
 
 
 class KeywordMatcher:
-    """All keywords of a table compiled into one case-insensitive, longest-first regex.
+    """All keywords of a table compiled into one regex (:func:`fvlm.anatomy.keyword_pattern`).
 
     An anatomy's ``label`` counts as one of its keywords, since it is the name the LLM prompts use.
 
@@ -63,13 +55,7 @@ class KeywordMatcher:
         if not owners:
             raise ValueError("the anatomy table has no keywords to match")
         self._owners = {key: tuple(names) for key, names in owners.items()}
-        # Longest first: Python's alternation takes the first alternative that matches at a
-        # position, so ordering by length gives leftmost-longest matching.
-        ordered = sorted(self._owners, key=lambda k: (-len(k), k))
-        alternatives = "|".join(r"[\s\-]+".join(map(re.escape, k.split(" "))) for k in ordered)
-        self._pattern = re.compile(
-            rf"(?<![{_ALNUM}])(?:{alternatives})(?![{_ALNUM}])", flags=re.IGNORECASE
-        )
+        self._pattern = keyword_pattern(self._owners)
 
     @property
     def keywords(self) -> dict[str, tuple[str, ...]]:

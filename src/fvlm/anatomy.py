@@ -7,6 +7,8 @@ preset shipped with the package (``paper``, ``chest``) or from a user's YAML fil
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -22,13 +24,18 @@ __all__ = [
     "AnatomyTableError",
     "Disease",
     "PRESETS",
+    "keyword_pattern",
     "load_anatomy_table",
+    "normalize_keyword",
     "totalsegmentator_classes",
 ]
 
 PRESETS = ("paper", "chest")
 TotalSegVersion = Literal["v1", "v2"]
 _TOTALSEG_TASK = {"v1": "total_v1", "v2": "total"}
+# Between the words of a multiword keyword: any run of spaces, line breaks or hyphens.
+_GAP = r"[\s\-]+"
+_WORD_CHAR = "A-Za-z0-9"
 
 
 class AnatomyTableError(ValueError):
@@ -45,6 +52,34 @@ def totalsegmentator_classes(version: TotalSegVersion) -> dict[int, str]:
     if version not in _TOTALSEG_TASK:
         raise ValueError(f"TotalSegmentator version must be 'v1' or 'v2', got {version!r}")
     return {int(k): v for k, v in class_map[_TOTALSEG_TASK[version]].items()}
+
+
+def normalize_keyword(text: str) -> str:
+    """Lower-case ``text`` and collapse spaces/hyphens, so that a match maps back to its keyword."""
+    return re.sub(_GAP, " ", text.strip().lower())
+
+
+def keyword_pattern(keywords: Iterable[str]) -> re.Pattern[str]:
+    """One case-insensitive regex finding any of ``keywords`` as whole words.
+
+    Report decomposition and the phantom's report wording must agree on what counts as a mention
+    of an anatomy, so both compile their keywords here. Multiword keywords tolerate any run of
+    spaces, line breaks or hyphens between their words ("small-bowel", "small bowel" across a
+    line break). Alternatives are ordered longest first and Python's alternation takes the first
+    that matches at a position, so matching is leftmost-longest: "pulmonary artery" is one match,
+    not "pulmonary".
+
+    Raises:
+        ValueError: If ``keywords`` holds no non-blank keyword.
+    """
+    words = {normalize_keyword(k) for k in keywords} - {""}
+    if not words:
+        raise ValueError("keyword_pattern needs at least one non-blank keyword")
+    ordered = sorted(words, key=lambda k: (-len(k), k))
+    alternatives = "|".join(_GAP.join(map(re.escape, k.split(" "))) for k in ordered)
+    return re.compile(
+        rf"(?<![{_WORD_CHAR}])(?:{alternatives})(?![{_WORD_CHAR}])", flags=re.IGNORECASE
+    )
 
 
 @dataclass(frozen=True)
@@ -79,6 +114,10 @@ class Anatomy:
     totalseg_v2: tuple[str, ...]
     keywords: tuple[str, ...]
     diseases: tuple[Disease, ...] = ()
+    #: Faces of the scan (``inferior``/``superior``) where a cut is expected and does not make the
+    #: anatomy incomplete: the aorta, esophagus or spine run beyond every chest or abdomen scan,
+    #: and a report describes their part inside it. Other faces still count as truncation.
+    open_ends: tuple[str, ...] = ()
 
     @property
     def default_text(self) -> str:
@@ -211,6 +250,17 @@ def _disease(entry: dict, anatomy: str | None, where: str) -> Disease:
     )
 
 
+_OPEN_END_FACES = ("inferior", "superior")
+
+
+def _open_ends(entry: dict, where: str) -> tuple[str, ...]:
+    faces = _strings(entry, "open_ends", where) if "open_ends" in entry else ()
+    unknown = sorted(set(faces) - set(_OPEN_END_FACES))
+    if unknown:
+        raise AnatomyTableError(f"{where}: open_ends {unknown} not in {list(_OPEN_END_FACES)}")
+    return faces
+
+
 def _anatomy(entry: dict, where: str) -> Anatomy:
     name = _require(entry, "name", str, where)
     where = f"{where} ({name})"
@@ -225,6 +275,7 @@ def _anatomy(entry: dict, where: str) -> Anatomy:
         totalseg_v1=_strings(entry, "totalseg_v1", where),
         totalseg_v2=_strings(entry, "totalseg_v2", where),
         keywords=_strings(entry, "keywords", where),
+        open_ends=_open_ends(entry, where),
         diseases=tuple(
             _disease(d, name, f"{where}: diseases[{i}]") for i, d in enumerate(diseases)
         ),

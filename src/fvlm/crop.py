@@ -26,11 +26,14 @@ import numpy.typing as npt
 __all__ = [
     "ABSENT_BBOX",
     "anatomy_aware_crop_box",
+    "anatomy_aware_crop_boxes",
     "bboxes_to_array",
     "center_crop_start",
     "crop_array",
     "crop_pad_width",
+    "crop_starts_holding",
     "crop_valid",
+    "crops_valid",
     "draw_flip_axes",
     "random_crop_start",
     "random_flip",
@@ -98,8 +101,8 @@ def _as_bbox_array(bboxes: BBoxes, shape: np.ndarray | None) -> np.ndarray:
 
 
 def _present(bboxes: np.ndarray) -> np.ndarray:
-    """``(A,)`` bool: the box is non-empty on every axis."""
-    return (bboxes[..., 1] > bboxes[..., 0]).all(axis=1)
+    """``(..., A)`` bool: the box is non-empty on every axis."""
+    return (bboxes[..., 1] > bboxes[..., 0]).all(axis=-1)
 
 
 def _start_range(shape: np.ndarray, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -130,23 +133,60 @@ def center_crop_start(shape: Sequence[int], crop_size: Sequence[int]) -> np.ndar
     return (shape_a - crop) // 2
 
 
+def _placement_range(
+    boxes: np.ndarray, low: np.ndarray, high: np.ndarray, crop: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusive starts per axis whose crop holds ``boxes`` (``(..., 3, 2)``) wholly.
+
+    The crop's end must reach the box's end and its start must not pass the box's start, while
+    staying within the volume's start range ``[low, high]`` (see :func:`_start_range`).
+    """
+    return np.maximum(low, boxes[..., 1] - crop), np.minimum(high, boxes[..., 0])
+
+
+def _eligible(boxes: np.ndarray, crop: np.ndarray, complete: npt.ArrayLike | None) -> np.ndarray:
+    """``(..., A)`` bool: present, complete and no larger than the crop on any axis."""
+    extent = boxes[..., 1] - boxes[..., 0]
+    eligible = _present(boxes) & (extent <= crop).all(axis=-1)
+    return eligible if complete is None else eligible & _complete_flags(complete, eligible.shape)
+
+
+def crop_starts_holding(
+    shape: Sequence[int], crop_size: Sequence[int], bboxes: BBoxes
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusive range ``(first, last)``, each ``(A, 3)``, of crop starts that hold each box whole.
+
+    The starts keep the crop inside the volume (or the volume inside the crop along axes where
+    the volume is smaller), as the training crop does; the range is empty (``first > last`` on
+    some axis) for a box larger than the crop. A start ``s`` holds box ``a`` exactly when
+    ``first[a] <= s <= last[a]`` on every axis, which turns planning crops into covering boxes.
+    """
+    shape_a, crop = _triple(shape, "shape", 1), _triple(crop_size, "crop_size", 1)
+    boxes = _as_bbox_array(bboxes, shape_a)
+    low, high = _start_range(shape_a, crop)
+    return _placement_range(boxes, low, high, crop)
+
+
 def anatomy_aware_crop_box(
     shape: Sequence[int],
     crop_size: Sequence[int],
     bboxes: BBoxes,
     rng: np.random.Generator,
+    complete: npt.ArrayLike | None = None,
 ) -> tuple[np.ndarray, int]:
     """Choose a crop that wholly contains one uniformly chosen anatomy (paper A.2).
 
-    The anatomy is drawn uniformly among those that are present and whose box fits in the crop
-    (an anatomy larger than the crop on some axis can never be complete, so drawing it would only
-    waste the sample). The start is then drawn uniformly, independently per axis, among the
-    positions whose crop contains that box wholly and which keep the crop inside the volume (or
-    the whole volume inside the crop, along axes where the volume is smaller than the crop).
+    The anatomy is drawn uniformly among those that are present, structurally complete in the
+    scan and whose box fits in the crop (an anatomy larger than the crop on some axis, or cut by
+    the scan's field of view, can never be valid, so drawing it would only waste the sample). The
+    start is then drawn uniformly, independently per axis, among the positions whose crop contains
+    that box wholly and which keep the crop inside the volume (or the whole volume inside the
+    crop, along axes where the volume is smaller than the crop).
 
-    If no present anatomy fits (or none is present), the crop falls back to a uniformly random
-    crop and the returned index is ``-1``; :func:`crop_valid` then flags whatever happens to be
-    complete, so the sample still contributes what it can.
+    If no eligible anatomy exists, the crop falls back to a uniformly random crop and the
+    returned index is ``-1``; :func:`crop_valid` then flags whatever happens to be complete, so
+    the sample still contributes what it can. :func:`anatomy_aware_crop_boxes` draws the same
+    distribution for many studies at once.
 
     Args:
         shape: Volume shape ``(D, H, W)``.
@@ -154,39 +194,137 @@ def anatomy_aware_crop_box(
         bboxes: ``(A, 3, 2)`` half-open boxes in anatomy order (empty box = absent), or a
             ``{name: box or None}`` mapping taken in its key order.
         rng: Source of randomness; pass a seeded generator for reproducible crops.
+        complete: Optional ``(A,)`` bool, false for an anatomy cut by the scan's field of view
+            (``truncated`` in the cache's ``meta.json``); ``None``: every anatomy is complete.
 
     Returns:
         ``(start, index)``: the crop's start corner ``(3,)`` int64 (negative where the crop pads
         before the volume) and the chosen anatomy's index, or ``-1`` for the fallback.
 
     Raises:
-        ValueError: On a malformed shape, crop size or box array, or a box outside the volume.
+        ValueError: On a malformed shape, crop size, box array or ``complete`` flags, or a box
+            outside the volume.
     """
     shape_a, crop = _triple(shape, "shape", 1), _triple(crop_size, "crop_size", 1)
     boxes = _as_bbox_array(bboxes, shape_a)
     low, high = _start_range(shape_a, crop)
-    extent = boxes[..., 1] - boxes[..., 0]
-    candidates = np.flatnonzero(_present(boxes) & (extent <= crop).all(axis=1))
+    candidates = np.flatnonzero(_eligible(boxes, crop, complete))
     if candidates.size == 0:
         return rng.integers(low, high + 1).astype(np.int64), -1
     index = int(rng.choice(candidates))
-    box = boxes[index]
-    first = np.maximum(low, box[:, 1] - crop)  # crop end must reach the box end
-    last = np.minimum(high, box[:, 0])  # crop start must not pass the box start
+    first, last = _placement_range(boxes[index], low, high, crop)
     return rng.integers(first, last + 1).astype(np.int64), index
 
 
-def crop_valid(bboxes: BBoxes, start: Sequence[int], crop_size: Sequence[int]) -> np.ndarray:
-    """``(A,)`` bool: the anatomy is present and its box lies wholly inside the crop.
+def anatomy_aware_crop_boxes(
+    shapes: npt.ArrayLike,
+    crop_size: Sequence[int],
+    bboxes: npt.ArrayLike,
+    rng: np.random.Generator,
+    complete: npt.ArrayLike | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`anatomy_aware_crop_box` for ``N`` studies at once, without a Python loop.
 
-    Truncated anatomies are invalid: the paper leaves them out of the contrastive loss because the
-    missing part may hold the finding the text describes (Sec. 3.2).
+    Same distribution (uniform eligible anatomy, then a uniform start per axis among those that
+    hold it; uniformly random crop when nothing is eligible), but another random stream, so a
+    crop validity report can simulate a hundred thousand crops in well under a second.
+
+    Args:
+        shapes: ``(N, 3)`` volume shapes (or one ``(3,)`` shape shared by all).
+        crop_size: Crop shape ``(d, h, w)``.
+        bboxes: ``(N, A, 3, 2)`` half-open boxes, each inside its volume (empty box = absent).
+        rng: Source of randomness.
+        complete: Optional ``(N, A)`` bool, false for anatomies cut by the field of view.
+
+    Returns:
+        ``(starts, index)``: ``(N, 3)`` int64 crop starts and ``(N,)`` chosen anatomy indices
+        (``-1`` for the fallback).
+    """
+    crop = _triple(crop_size, "crop_size", 1)
+    boxes = np.asarray(bboxes)
+    if boxes.ndim != 4 or boxes.shape[2:] != (3, 2):
+        raise ValueError(f"bboxes must have shape (N, A, 3, 2), got {boxes.shape}")
+    if boxes.size and not np.issubdtype(boxes.dtype, np.integer):
+        raise ValueError(f"bboxes must be integers, got dtype {boxes.dtype}")
+    boxes = boxes.astype(np.int64)
+    n = boxes.shape[0]
+    shapes_a = np.broadcast_to(np.asarray(shapes), (n, 3))
+    if not np.issubdtype(shapes_a.dtype, np.integer) or (shapes_a < 1).any():
+        raise ValueError("shapes must be positive integers, (N, 3) or (3,)")
+    shapes_a = shapes_a.astype(np.int64)
+    present = _present(boxes)
+    outside = present & ~((boxes[..., 0] >= 0) & (boxes[..., 1] <= shapes_a[:, None, :])).all(
+        axis=-1
+    )
+    if outside.any():
+        study, a = (int(i[0]) for i in np.nonzero(outside))
+        raise ValueError(
+            f"study {study}: bbox {a} {boxes[study, a].tolist()} lies outside the volume of "
+            f"shape {shapes_a[study].tolist()}"
+        )
+    low, high = _start_range(shapes_a, crop)
+    eligible = _eligible(boxes, crop, complete)
+    counts = eligible.sum(axis=1)
+    # The k-th eligible anatomy, k uniform in [0, count): first position where the running count
+    # of eligible anatomies exceeds k.
+    k = np.floor(rng.random(n) * counts).astype(np.int64)
+    index = np.argmax(np.cumsum(eligible, axis=1) > k[:, None], axis=1)
+    index = np.where(counts > 0, index, -1)
+    chosen = boxes[np.arange(n), np.maximum(index, 0)]
+    first, last = _placement_range(chosen, low, high, crop)
+    fallback = (index < 0)[:, None]
+    first, last = np.where(fallback, low, first), np.where(fallback, high, last)
+    return rng.integers(first, last + 1).astype(np.int64), index
+
+
+def _holds(boxes: np.ndarray, starts: np.ndarray, crop: np.ndarray) -> np.ndarray:
+    """``(..., A)`` bool: present and wholly inside the crop starting at ``starts`` ``(..., 3)``."""
+    starts = starts[..., None, :]
+    inside = (boxes[..., 0] >= starts) & (boxes[..., 1] <= starts + crop)
+    return _present(boxes) & inside.all(axis=-1)
+
+
+def crop_valid(
+    bboxes: BBoxes,
+    start: Sequence[int],
+    crop_size: Sequence[int],
+    complete: npt.ArrayLike | None = None,
+) -> np.ndarray:
+    """``(A,)`` bool: the anatomy is present, complete and its box lies wholly inside the crop.
+
+    Truncated anatomies are invalid, whether the crop or the scan's field of view (``complete``
+    false) cuts them: the paper leaves them out of the contrastive loss because the missing part
+    may hold the finding the text describes (Sec. 3.2).
     """
     start_a = _triple(start, "start", np.iinfo(np.int64).min)
     crop = _triple(crop_size, "crop_size", 1)
     boxes = _as_bbox_array(bboxes, None)
-    inside = (boxes[..., 0] >= start_a) & (boxes[..., 1] <= start_a + crop)
-    return _present(boxes) & inside.all(axis=1)
+    valid = _holds(boxes, start_a, crop)
+    return valid if complete is None else valid & _complete_flags(complete, valid.shape)
+
+
+def crops_valid(
+    bboxes: npt.ArrayLike,
+    starts: npt.ArrayLike,
+    crop_size: Sequence[int],
+    complete: npt.ArrayLike | None = None,
+) -> np.ndarray:
+    """:func:`crop_valid` for ``N`` crops: ``(N, A, 3, 2)`` boxes, ``(N, 3)`` starts."""
+    crop = _triple(crop_size, "crop_size", 1)
+    boxes, starts_a = np.asarray(bboxes), np.asarray(starts)
+    if boxes.ndim != 4 or boxes.shape[2:] != (3, 2) or starts_a.shape != (boxes.shape[0], 3):
+        raise ValueError(
+            f"bboxes must be (N, A, 3, 2) and starts (N, 3), got {boxes.shape} and {starts_a.shape}"
+        )
+    valid = _holds(boxes.astype(np.int64), starts_a.astype(np.int64), crop)
+    return valid if complete is None else valid & _complete_flags(complete, valid.shape)
+
+
+def _complete_flags(complete: npt.ArrayLike, shape: tuple[int, ...]) -> np.ndarray:
+    flags = np.asarray(complete, dtype=bool)
+    if flags.shape != shape:
+        raise ValueError(f"complete must have shape {shape} (one flag per box), got {flags.shape}")
+    return flags
 
 
 def crop_pad_width(

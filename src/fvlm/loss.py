@@ -280,8 +280,12 @@ class FineGrainedContrastiveLoss(nn.Module):
         identical_text_positive: identical description texts are positives of each other.
         anatomy_reduction: ``"sum"`` adds the per-anatomy losses as in Eq. 2, so the loss scale
             grows with the number of anatomies in a batch; ``"mean"`` divides that sum by the
-            number of anatomies with at least one valid pair (``N_j >= 1``), which keeps the
-            scale independent of the anatomy preset (4 chest anatomies vs. the paper's groups).
+            number of anatomies in the loss (``N_j >= 1``), which keeps the scale independent of
+            the anatomy preset (4 chest anatomies vs. the paper's groups).
+        skip_all_normal_anatomies: leave out the anatomies none of whose valid samples in the
+            global batch is abnormal (the authors' release does; the paper is silent). With FNCN
+            such an anatomy's targets are nearly uniform, so it mostly teaches "all normal texts
+            look alike". Skipped anatomies count neither in the sum nor in the ``"mean"``.
         rank: this process's rank (set it once the process group exists, e.g. in ``setup()``).
         world_size: number of ranks; ``1`` disables gathering.
         gather_with_grad: back-propagate through the all-gather; with DDP's gradient averaging
@@ -293,6 +297,7 @@ class FineGrainedContrastiveLoss(nn.Module):
         fncn: bool = True,
         identical_text_positive: bool = True,
         anatomy_reduction: AnatomyReduction = "sum",
+        skip_all_normal_anatomies: bool = False,
         rank: int = 0,
         world_size: int = 1,
         gather_with_grad: bool = True,
@@ -307,6 +312,7 @@ class FineGrainedContrastiveLoss(nn.Module):
         self.fncn = fncn
         self.identical_text_positive = identical_text_positive
         self.anatomy_reduction = anatomy_reduction
+        self.skip_all_normal_anatomies = skip_all_normal_anatomies
         self.rank = rank
         self.world_size = world_size
         self.gather_with_grad = gather_with_grad
@@ -316,7 +322,8 @@ class FineGrainedContrastiveLoss(nn.Module):
         """Show the options in ``print(module)``."""
         return (
             f"fncn={self.fncn}, identical_text_positive={self.identical_text_positive}, "
-            f"anatomy_reduction={self.anatomy_reduction!r}, rank={self.rank}, "
+            f"anatomy_reduction={self.anatomy_reduction!r}, "
+            f"skip_all_normal_anatomies={self.skip_all_normal_anatomies}, rank={self.rank}, "
             f"world_size={self.world_size}, gather_with_grad={self.gather_with_grad}"
         )
 
@@ -376,8 +383,9 @@ class FineGrainedContrastiveLoss(nn.Module):
         """Compute ``L_itc`` (Eq. 2) over the global batch.
 
         ``loss = 1/2 * reduce_j [ 1/N_j * sum_i ( H(y_i2t, p_i2t) + H(y_t2i, p_t2i) ) ]`` over the
-        anatomies with ``N_j >= 1``; an anatomy with a single valid sample contributes
-        ``log 1 = 0``, one without valid samples nothing.
+        anatomies with ``N_j >= 1`` (and, with ``skip_all_normal_anatomies``, an abnormal sample);
+        an anatomy with a single valid sample contributes ``log 1 = 0``, one without valid
+        samples nothing.
 
         Args:
             image_emb: ``(B, A, E)`` L2-normalised visual embeddings (zeros where invalid).
@@ -394,65 +402,96 @@ class FineGrainedContrastiveLoss(nn.Module):
             A dict with ``loss`` (scalar, differentiable); detached ``loss_i2t`` and ``loss_t2i``
             (the two directions, each including the 1/2, so they add up to ``loss``);
             ``per_anatomy`` ``(A,)`` (the reduced terms before the anatomy reduction, NaN for
-            anatomies without valid samples; with ``"sum"`` their ``nansum`` is ``loss``);
+            anatomies left out of the loss; with ``"sum"`` their ``nansum`` is ``loss``);
+            ``in_loss`` ``(A,)`` bool, the anatomies that entered the loss;
             ``n_valid`` ``(A,)`` ``N_j``; ``logits`` ``(A, N, N)`` scaled image-to-text
             similarities; ``p_i2t``/``p_t2i`` ``(A, N, N)`` probabilities (invalid rows and
             columns zero); ``targets_i2t``/``targets_t2i`` the targets used.
         """
-        if image_emb.dim() != 3 or image_emb.shape != text_emb.shape:
-            raise ValueError(
-                "image_emb and text_emb must share one (B, A, E) shape, got "
-                f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
-            )
-        for name, mask in (("valid", valid), ("normal", normal), ("text_key", text_key)):
-            if mask.shape != image_emb.shape[:2]:
-                raise ValueError(
-                    f"{name} must have shape {tuple(image_emb.shape[:2])}, got {tuple(mask.shape)}"
-                )
+        _check_shapes(image_emb, text_emb, valid, normal, text_key)
         image_emb, text_emb = self._gather(image_emb, text_emb, with_grad=self.gather_with_grad)
         valid, normal, text_key = self._gather(
             valid.bool(), normal.bool(), text_key, with_grad=False
         )
-
         logits, log_p_i2t, log_p_t2i, pair_mask = _masked_log_probabilities(
             image_emb, text_emb, valid, logit_scale
         )
-        targets = fncn_targets(
-            valid, normal, text_key, fncn=self.fncn, identical_text=self.identical_text_positive
-        ).to(log_p_i2t.dtype)
-        targets_i2t, targets_t2i = targets, targets.transpose(-1, -2)
-        if soft_targets is not None:
-            p_i2t_other, p_t2i_other = soft_targets
-            targets_i2t = soften_targets(targets_i2t, p_i2t_other, alpha)
-            targets_t2i = soften_targets(targets_t2i, p_t2i_other, alpha)
-
+        targets_i2t, targets_t2i = self._targets(valid, normal, text_key, soft_targets, alpha)
         # Cross-entropy per row; masked entries have zero target, and masked_fill keeps their
         # (huge negative) log-probabilities out of both the value and the gradient.
         ce_i2t = -(targets_i2t * log_p_i2t.masked_fill(~pair_mask, 0.0)).sum(-1)  # (A, N)
         ce_t2i = -(targets_t2i * log_p_t2i.masked_fill(~pair_mask, 0.0)).sum(-1)
-        n_valid = valid.t().sum(-1)  # (A,)
-        present = n_valid > 0
-        denominator = 2.0 * n_valid.clamp_min(1).to(ce_i2t.dtype)
-        term_i2t = ce_i2t.sum(-1) / denominator  # invalid rows have zero targets -> zero CE
-        term_t2i = ce_t2i.sum(-1) / denominator
-        per_anatomy = term_i2t + term_t2i
-        scale = 1.0
-        if self.anatomy_reduction == "mean":
-            scale = 1.0 / present.sum().clamp_min(1).to(per_anatomy.dtype)
-        loss = per_anatomy.sum() * scale
-
-        p_i2t = log_p_i2t.detach().exp() * pair_mask
-        p_t2i = log_p_t2i.detach().exp() * pair_mask
-        nan = torch.full_like(per_anatomy, float("nan"))
-        return {
-            "loss": loss,
-            "loss_i2t": (term_i2t.sum() * scale).detach(),
-            "loss_t2i": (term_t2i.sum() * scale).detach(),
-            "per_anatomy": torch.where(present, per_anatomy, nan).detach(),
-            "n_valid": n_valid,
+        return self._reduce(ce_i2t, ce_t2i, valid, normal) | {
             "logits": logits.detach(),
-            "p_i2t": p_i2t,
-            "p_t2i": p_t2i,
+            "p_i2t": log_p_i2t.detach().exp() * pair_mask,
+            "p_t2i": log_p_t2i.detach().exp() * pair_mask,
             "targets_i2t": targets_i2t.detach(),
             "targets_t2i": targets_t2i.detach(),
         }
+
+    def _targets(
+        self,
+        valid: Tensor,
+        normal: Tensor,
+        text_key: Tensor,
+        soft_targets: tuple[Tensor, Tensor] | None,
+        alpha: float,
+    ) -> tuple[Tensor, Tensor]:
+        """FNCN targets of both directions, softened by Eq. 3 when ``soft_targets`` are given."""
+        targets = fncn_targets(
+            valid, normal, text_key, fncn=self.fncn, identical_text=self.identical_text_positive
+        )
+        targets_i2t, targets_t2i = targets, targets.transpose(-1, -2)
+        if soft_targets is None:
+            return targets_i2t, targets_t2i
+        p_i2t_other, p_t2i_other = soft_targets
+        return soften_targets(targets_i2t, p_i2t_other, alpha), soften_targets(
+            targets_t2i, p_t2i_other, alpha
+        )
+
+    def anatomies_in_loss(self, valid: Tensor, normal: Tensor) -> Tensor:
+        """``(A,)`` bool: anatomies with a valid sample (and an abnormal one, if so configured)."""
+        used = valid.any(0)
+        if self.skip_all_normal_anatomies:
+            used = used & (valid & ~normal).any(0)
+        return used
+
+    def _reduce(
+        self, ce_i2t: Tensor, ce_t2i: Tensor, valid: Tensor, normal: Tensor
+    ) -> dict[str, Tensor]:
+        """Mean over each anatomy's ``N_j`` rows, halved, then summed or averaged over anatomies."""
+        n_valid = valid.t().sum(-1)  # (A,)
+        used = self.anatomies_in_loss(valid, normal)
+        # Skipped anatomies are multiplied by zero rather than indexed away, so every parameter
+        # stays in the graph (DDP expects a gradient, possibly zero, for each).
+        weight = used.to(ce_i2t.dtype) / (2.0 * n_valid.clamp_min(1).to(ce_i2t.dtype))
+        term_i2t = ce_i2t.sum(-1) * weight  # invalid rows have zero targets -> zero CE
+        term_t2i = ce_t2i.sum(-1) * weight
+        per_anatomy = term_i2t + term_t2i
+        scale = 1.0
+        if self.anatomy_reduction == "mean":
+            scale = 1.0 / used.sum().clamp_min(1).to(per_anatomy.dtype)
+        nan = torch.full_like(per_anatomy, float("nan"))
+        return {
+            "loss": per_anatomy.sum() * scale,
+            "loss_i2t": (term_i2t.sum() * scale).detach(),
+            "loss_t2i": (term_t2i.sum() * scale).detach(),
+            "per_anatomy": torch.where(used, per_anatomy, nan).detach(),
+            "n_valid": n_valid,
+            "in_loss": used,
+        }
+
+
+def _check_shapes(
+    image_emb: Tensor, text_emb: Tensor, valid: Tensor, normal: Tensor, text_key: Tensor
+) -> None:
+    if image_emb.dim() != 3 or image_emb.shape != text_emb.shape:
+        raise ValueError(
+            "image_emb and text_emb must share one (B, A, E) shape, got "
+            f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+        )
+    for name, mask in (("valid", valid), ("normal", normal), ("text_key", text_key)):
+        if mask.shape != image_emb.shape[:2]:
+            raise ValueError(
+                f"{name} must have shape {tuple(image_emb.shape[:2])}, got {tuple(mask.shape)}"
+            )

@@ -1,8 +1,9 @@
 """Zero-shot evaluation: prompts and scoring, metrics, reports, plots, CT-RATE/Rad-ChestCT readers.
 
-Plain PyTorch/pandas (no Lightning), so the ``fvlm evaluate`` command is a thin layer: embed the
-studies, call :func:`zero_shot_scores`, :func:`evaluate_scores`, then :func:`write_report` and
-:func:`plot_roc_curves`.
+Plain PyTorch/pandas (no Lightning). The evaluation application is built on these:
+:mod:`~fvlm.evaluation.embedding` (a checkpoint's study embeddings over a cache),
+:mod:`~fvlm.evaluation.run` (score and write outputs) and :mod:`~fvlm.evaluation.commands`
+(``fvlm evaluate``/``eval-ctrate``/``eval-radchestct``); they are imported on use, not here.
 """
 
 from fvlm.evaluation.ctrate import (
@@ -11,7 +12,6 @@ from fvlm.evaluation.ctrate import (
     ctrate_manifest,
     ctrate_volume_path,
     parse_xy_spacing,
-    write_ctrate_like,
 )
 from fvlm.evaluation.metrics import (
     METRIC_COLUMNS,
@@ -79,7 +79,6 @@ __all__ = [
     "summary_dict",
     "threshold_column",
     "whole_scan_embedding",
-    "write_ctrate_like",
     "write_report",
     "zero_shot_scores",
 ]

@@ -18,7 +18,13 @@ The HU trap: CT-RATE v2 volumes are already in HU (int16), but ``RescaleSlope``/
 in the metadata still list the DICOM values (e.g. 1 / -1024). Applying them again, as CT-CLIP's and
 fVLM's public preprocessing do, shifts every voxel by -1024 HU. The manifest passes the metadata
 values through unchanged (``rescale_slope``/``rescale_intercept``) so the preprocessor can decide
-from the data (see ``fvlm.preprocess``); :func:`write_ctrate_like` reproduces the trap on purpose.
+from the data (see ``fvlm.preprocess``); :func:`fvlm.phantom.ctrate_layout.write_ctrate_like`
+reproduces this trap and the others (identity affines, 'Not given.' sections) on purpose.
+
+The geometry trap: some CT-RATE volumes carry an identity NIfTI affine, their spacing and
+orientation only in the metadata CSV. The manifest passes them on as ``spacing``,
+``image_orientation`` and ``image_position`` (:func:`ctrate_geometry`); the preprocessor uses them
+where the header is uninformative and records the choice in ``meta.json``.
 
 Labels: every disease of the anatomy table whose ``label`` is a CT-RATE column is evaluated, all 18
 with the ``chest`` preset (the reference code silently drops 2).
@@ -29,12 +35,9 @@ from __future__ import annotations
 import ast
 import logging
 import re
-import shutil
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
@@ -44,12 +47,13 @@ __all__ = [
     "CTRATE_LABELS",
     "CTRATE_SPLITS",
     "CTRateSplit",
+    "NOT_GIVEN",
     "ctrate_files",
+    "ctrate_geometry",
     "ctrate_label_map",
     "ctrate_manifest",
     "ctrate_volume_path",
     "parse_xy_spacing",
-    "write_ctrate_like",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,6 +80,8 @@ CTRATE_LABELS: tuple[str, ...] = (
     "Interlobular septal thickening",
 )
 
+#: What CT-RATE's reports write for a missing section (read back as empty text).
+NOT_GIVEN = "Not given."
 CTRateSplit = Literal["train", "valid"]
 # split -> (volume folder, reports CSV, labels CSV, metadata CSV, no-chest list)
 CTRATE_SPLITS: dict[str, tuple[str, str, str, str, str]] = {
@@ -204,7 +210,130 @@ def _read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
 
 
 def _text(value: object) -> str:
-    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+    """A report cell as text; CT-RATE's ``Not given.`` (a missing section) and blanks are ``""``."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    text = str(value).strip()
+    return "" if text.casefold() == NOT_GIVEN.casefold() else text
+
+
+def _numbers(value: object) -> list[float] | None:
+    """A metadata cell holding a number list (``"[1, 0, 0]"``), or ``None`` when blank."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            return None
+        value = ast.literal_eval(value)
+    if isinstance(value, int | float):
+        return [float(value)]
+    return [float(v) for v in value]  # type: ignore[union-attr]
+
+
+def _list_text(values: list[float] | None) -> str:
+    return "" if values is None else "[" + ", ".join(f"{v:g}" for v in values) + "]"
+
+
+def ctrate_geometry(meta: pd.Series | None) -> dict[str, str]:
+    """The preprocessor's geometry columns of one volume, from its CT-RATE metadata row.
+
+    ``spacing`` is mm along the NIfTI array's axes i, j, k: ``XYSpacing`` is DICOM PixelSpacing
+    (along j, then along i), ``ZSpacing`` the slice spacing; ``image_orientation`` and
+    ``image_position`` pass ImageOrientationPatient and ImagePositionPatient on where listed. The
+    preprocessor uses them where a volume's affine is uninformative (the identity, in CT-RATE).
+    Empty strings where the metadata lack them (all three where the spacing is incomplete).
+    """
+    if meta is None or any(_numbers(meta[c]) is None for c in ("XYSpacing", "ZSpacing")):
+        return {"spacing": "", "image_orientation": "", "image_position": ""}
+    row_col, z = parse_xy_spacing(meta["XYSpacing"]), float(meta["ZSpacing"])
+    return {
+        "spacing": _list_text([row_col[1], row_col[0], z]),
+        "image_orientation": _list_text(_numbers(meta.get("ImageOrientationPatient"))),
+        "image_position": _list_text(_numbers(meta.get("ImagePositionPatient"))),
+    }
+
+
+def _ctrate_tables(
+    files: dict[str, Path], table: AnatomyTable | str
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, str]]:
+    """Reports, labels and metadata tables (indexed by VolumeName) and the label mapping."""
+    reports = _read_table(files["reports"], ("VolumeName", "Findings_EN", "Impressions_EN"))
+    label_csv = _read_table(files["labels"], ("VolumeName",))
+    metadata = _read_table(
+        files["metadata"],
+        ("VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept"),
+    )
+    mapping = ctrate_label_map(table)
+    absent = [c for c in mapping if c not in label_csv.columns]
+    if absent:
+        raise ValueError(f"{str(files['labels'])!r}: missing label columns {absent}")
+    unmapped = [c for c in label_csv.columns if c not in mapping]
+    if unmapped:
+        log.warning("CT-RATE label columns without a disease in the table (ignored): %s", unmapped)
+    no_report = [n for n in label_csv.index if n not in reports.index]
+    if no_report:
+        raise ValueError(f"{len(no_report)} labelled volumes have no report, e.g. {no_report[:3]}")
+    return reports, label_csv, metadata, mapping
+
+
+def _selected(
+    names: list[str], no_chest: Path, exclude_no_chest: bool, reconstructions: str
+) -> tuple[list[str], list[str]]:
+    """Volumes left after the no-chest list and the reconstruction choice, and those excluded."""
+    excluded: list[str] = []
+    if exclude_no_chest and no_chest.is_file():
+        listed = {line.strip() for line in no_chest.read_text().splitlines()}
+        excluded = [n for n in names if n in listed]
+        names = [n for n in names if n not in listed]
+    if reconstructions == "first":
+        seen: set[str] = set()
+        kept = set()
+        for name in sorted(names, key=_recon_order):
+            scan = name.rsplit("_", 1)[0]
+            if scan not in seen:
+                seen.add(scan)
+                kept.add(name)
+        names = [n for n in names if n in kept]
+    return names, excluded
+
+
+def _manifest_row(
+    name: str,
+    image: Path,
+    reports: pd.DataFrame,
+    meta: pd.Series | None,
+    split: str,
+    mask_dir: str | Path | None,
+) -> dict[str, object]:
+    _, patient, scan, _ = _VOLUME_NAME.match(name).groups()  # type: ignore[union-attr]
+    row: dict[str, object] = {
+        "study_id": name.removesuffix(".nii.gz"),
+        "image": str(image),
+        "findings": _text(reports.loc[name, "Findings_EN"]),
+        "impression": _text(reports.loc[name, "Impressions_EN"]),
+        "split": split,
+        "rescale_slope": float(meta["RescaleSlope"]) if meta is not None else np.nan,
+        "rescale_intercept": float(meta["RescaleIntercept"]) if meta is not None else np.nan,
+        **ctrate_geometry(meta),
+        "patient_id": f"{split}_{patient}",
+        "scan_id": f"{split}_{patient}_{scan}",
+    }
+    if mask_dir is not None:
+        mask = Path(mask_dir) / name
+        row["mask"] = str(mask.resolve()) if mask.is_file() else ""
+    return row
+
+
+def _labels_frame(
+    label_csv: pd.DataFrame, names: list[str], study_ids: list[str], mapping: dict[str, str]
+) -> pd.DataFrame:
+    """``study_id`` + one column per disease key: int 0/1, or float with NaN for blank cells."""
+    labels = label_csv.loc[names, list(mapping)].rename(columns=mapping)
+    labels = labels.apply(pd.to_numeric, errors="raise")
+    labels = labels.astype(np.int64) if not labels.isna().any().any() else labels.astype(float)
+    labels.insert(0, "study_id", study_ids)
+    return labels.reset_index(drop=True)
 
 
 def ctrate_manifest(
@@ -232,51 +361,23 @@ def ctrate_manifest(
 
     Returns:
         ``(manifest, labels)``. ``manifest`` has ``study_id`` (VolumeName without ``.nii.gz``),
-        ``image`` (absolute path), ``findings``, ``impression``, ``split``, ``rescale_slope``,
-        ``rescale_intercept``, ``xy_spacing`` (tuple), ``z_spacing``, ``patient_id``, ``scan_id``
-        [, ``mask``]. ``labels`` has ``study_id`` and one 0/1 column per disease key (NaN where
-        the CSV cell is blank). ``manifest.attrs`` counts what was left out.
+        ``image`` (absolute path), ``findings``, ``impression`` (``Not given.`` -> empty),
+        ``split``, ``rescale_slope``, ``rescale_intercept``, the geometry columns ``spacing``,
+        ``image_orientation``, ``image_position`` (:func:`ctrate_geometry`), ``patient_id``,
+        ``scan_id`` [, ``mask``] - a manifest the preprocessor reads as it is. ``labels`` has
+        ``study_id`` and one 0/1 column per disease key (NaN where the CSV cell is blank).
+        ``manifest.attrs`` counts what was left out.
     """
     if missing not in ("drop", "keep", "error"):
         raise ValueError(f"missing must be 'drop', 'keep' or 'error', got {missing!r}")
     if reconstructions not in ("all", "first"):
         raise ValueError(f"reconstructions must be 'all' or 'first', got {reconstructions!r}")
     files = ctrate_files(root, split)
-    reports = _read_table(files["reports"], ("VolumeName", "Findings_EN", "Impressions_EN"))
-    label_csv = _read_table(files["labels"], ("VolumeName",))
-    metadata = _read_table(
-        files["metadata"],
-        ("VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept"),
+    reports, label_csv, metadata, mapping = _ctrate_tables(files, table)
+    names, excluded = _selected(
+        list(label_csv.index), files["no_chest"], exclude_no_chest, reconstructions
     )
-    mapping = ctrate_label_map(table)
-    absent = [c for c in mapping if c not in label_csv.columns]
-    if absent:
-        raise ValueError(f"{str(files['labels'])!r}: missing label columns {absent}")
-    unmapped = [c for c in label_csv.columns if c not in mapping]
-    if unmapped:
-        log.warning("CT-RATE label columns without a disease in the table (ignored): %s", unmapped)
-
-    names = list(label_csv.index)
-    no_report = [n for n in names if n not in reports.index]
-    if no_report:
-        raise ValueError(f"{len(no_report)} labelled volumes have no report, e.g. {no_report[:3]}")
-    excluded: list[str] = []
-    if exclude_no_chest and files["no_chest"].is_file():
-        listed = {line.strip() for line in files["no_chest"].read_text().splitlines()}
-        excluded = [n for n in names if n in listed]
-        names = [n for n in names if n not in listed]
-    if reconstructions == "first":
-        seen: set[str] = set()
-        kept = []
-        for name in sorted(names, key=_recon_order):
-            scan = name.rsplit("_", 1)[0]
-            if scan not in seen:
-                seen.add(scan)
-                kept.append(name)
-        kept_set = set(kept)
-        names = [n for n in names if n in kept_set]
-
-    rows, absent_files = [], []
+    rows, kept, absent_files = [], [], []
     for name in names:
         image = ctrate_volume_path(files["volumes"], name).resolve()
         if not image.is_file():
@@ -286,33 +387,12 @@ def ctrate_manifest(
             if missing == "error":
                 raise FileNotFoundError(f"CT-RATE volume not found: {str(image)!r}")
         meta = metadata.loc[name] if name in metadata.index else None
-        _, patient, scan, _ = _VOLUME_NAME.match(name).groups()  # type: ignore[union-attr]
-        row = {
-            "study_id": name.removesuffix(".nii.gz"),
-            "image": str(image),
-            "findings": _text(reports.loc[name, "Findings_EN"]),
-            "impression": _text(reports.loc[name, "Impressions_EN"]),
-            "split": split,
-            "rescale_slope": float(meta["RescaleSlope"]) if meta is not None else np.nan,
-            "rescale_intercept": float(meta["RescaleIntercept"]) if meta is not None else np.nan,
-            "xy_spacing": parse_xy_spacing(meta["XYSpacing"]) if meta is not None else None,
-            "z_spacing": float(meta["ZSpacing"]) if meta is not None else np.nan,
-            "patient_id": f"{split}_{patient}",
-            "scan_id": f"{split}_{patient}_{scan}",
-        }
-        if mask_dir is not None:
-            mask = Path(mask_dir) / name
-            row["mask"] = str(mask.resolve()) if mask.is_file() else ""
-        rows.append(row)
+        rows.append(_manifest_row(name, image, reports, meta, split, mask_dir))
+        kept.append(name)
     if absent_files and missing == "drop":
         log.warning("CT-RATE %s: %d listed volumes not found, left out", split, len(absent_files))
     manifest = pd.DataFrame(rows, columns=None if rows else ["study_id", "image"])
-    kept_names = [f"{s}.nii.gz" for s in manifest["study_id"]] if rows else []
-    labels = label_csv.loc[kept_names, list(mapping)].rename(columns=mapping)
-    labels = labels.apply(pd.to_numeric, errors="raise")
-    labels = labels.astype(np.int64) if not labels.isna().any().any() else labels.astype(float)
-    labels.insert(0, "study_id", list(manifest["study_id"]) if rows else [])
-    labels = labels.reset_index(drop=True)
+    labels = _labels_frame(label_csv, kept, [str(r["study_id"]) for r in rows], mapping)
     manifest.attrs.update(
         missing_volumes=absent_files,
         excluded_no_chest=excluded,
@@ -325,115 +405,3 @@ def _recon_order(name: str) -> tuple[str, int]:
     stem = name.removesuffix(".nii.gz")
     scan, recon = stem.rsplit("_", 1)
     return scan, int(recon)
-
-
-def _phantom_tables(phantom_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    manifest = pd.read_csv(phantom_dir / "manifest.csv")
-    labels = pd.read_csv(phantom_dir / "labels.csv")
-    for need in ("study_id", "image", "findings", "impression"):
-        if need not in manifest.columns:
-            raise ValueError(f"{phantom_dir / 'manifest.csv'}: missing column {need!r}")
-    return manifest, labels.set_index("study_id")
-
-
-def write_ctrate_like(
-    phantom_dir: str | Path,
-    out_root: str | Path,
-    splits: Mapping[str, CTRateSplit] | None = None,
-    table: AnatomyTable | str = "chest",
-    masks: bool = True,
-    stale_intercept: float = -1024.0,
-) -> pd.DataFrame:
-    """Turn a phantom folder into a small CT-RATE-layout folder (tests, demo of ``eval-ctrate``).
-
-    Volumes are written as CT-RATE v2 stores them: int16 voxels already in HU, no NIfTI scaling,
-    while ``metadata`` still lists ``RescaleSlope`` 1 and ``RescaleIntercept`` ``stale_intercept``
-    (the double-rescale trap a correct preprocessor must detect). Phantom diseases are mapped to
-    CT-RATE columns through the table's labels (``heart/cardiomegaly`` -> ``Cardiomegaly``,
-    ``aorta/calcification`` -> ``Arterial wall calcification``, ...); other columns are 0.
-
-    Args:
-        phantom_dir: output of ``fvlm phantom`` (``manifest.csv``, ``labels.csv``, images, masks).
-        out_root: folder to create; the CT-RATE tree goes to ``out_root/dataset``.
-        splits: phantom split -> CT-RATE split (default: ``train`` -> ``train``, anything else,
-            or no split column, -> ``valid``).
-        table: anatomy table giving the label mapping (default ``chest``).
-        masks: also copy the phantom's TotalSegmentator maps to ``out_root/totalseg/<VolumeName>``
-            (not part of CT-RATE; lets the demo skip running TotalSegmentator).
-        stale_intercept: the metadata intercept written next to already-HU data.
-
-    Returns:
-        The mapping ``phantom_id, study_id, split`` (also written to ``out_root/phantom_ids.csv``).
-    """
-    phantom_dir, out_root = Path(phantom_dir), Path(out_root)
-    manifest, phantom_labels = _phantom_tables(phantom_dir)
-    key_of = ctrate_label_map(table)  # CT-RATE column -> disease key
-    split_of = dict(splits) if splits is not None else {"train": "train"}
-    base = out_root / "dataset"
-    tables: dict[str, dict[str, list[dict[str, object]]]] = {}
-    mapping_rows = []
-    counters: dict[str, int] = {}
-    for _, study in manifest.iterrows():
-        phantom_split = str(study["split"]) if "split" in manifest.columns else ""
-        split = split_of.get(phantom_split, "valid")
-        _check_split(split)
-        counters[split] = counters.get(split, 0) + 1
-        name = f"{split}_{counters[split]}_a_1.nii.gz"
-        folder = CTRATE_SPLITS[split][0]
-        target = ctrate_volume_path(base / folder, name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        source = nib.load(phantom_dir / str(study["image"]))
-        hu = np.rint(np.asarray(source.dataobj, dtype=np.float64)).astype(np.int16)
-        image = nib.Nifti1Image(hu, source.affine)
-        image.header.set_data_dtype(np.int16)
-        image.header.set_slope_inter(1.0, 0.0)
-        nib.save(image, target)
-        if masks and "mask" in manifest.columns and isinstance(study["mask"], str):
-            (out_root / "totalseg").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(phantom_dir / study["mask"], out_root / "totalseg" / name)
-        zooms = [float(z) for z in source.header.get_zooms()[:3]]
-        split_tables = tables.setdefault(split, {"reports": [], "labels": [], "metadata": []})
-        split_tables["reports"].append(
-            {
-                "VolumeName": name,
-                "ClinicalInformation_EN": "Not given.",
-                "Technique_EN": "Non-contrast chest CT (synthetic phantom).",
-                "Findings_EN": _text(study["findings"]),
-                "Impressions_EN": _text(study["impression"]),
-            }
-        )
-        row_labels = phantom_labels.loc[study["study_id"]]
-        split_tables["labels"].append(
-            {"VolumeName": name}
-            | {
-                column: int(row_labels[key_of[column]]) if key_of.get(column) in row_labels else 0
-                for column in CTRATE_LABELS
-            }
-        )
-        split_tables["metadata"].append(
-            {
-                "VolumeName": name,
-                "Manufacturer": "fvlm-phantom",
-                "Rows": hu.shape[0],
-                "Columns": hu.shape[1],
-                "XYSpacing": f"[{zooms[0]:g}, {zooms[1]:g}]",
-                "ZSpacing": zooms[2],
-                "RescaleIntercept": stale_intercept,
-                "RescaleSlope": 1.0,
-            }
-        )
-        mapping_rows.append(
-            {"phantom_id": study["study_id"], "study_id": name[:-7], "split": split}
-        )
-    for split, frames in tables.items():
-        _, reports, labels, metadata, _ = CTRATE_SPLITS[split]
-        for sub, file, rows in (
-            ("radiology_text_reports", reports, frames["reports"]),
-            ("multi_abnormality_labels", labels, frames["labels"]),
-            ("metadata", metadata, frames["metadata"]),
-        ):
-            (base / sub).mkdir(parents=True, exist_ok=True)
-            pd.DataFrame(rows).to_csv(base / sub / file, index=False)
-    mapping = pd.DataFrame(mapping_rows, columns=["phantom_id", "study_id", "split"])
-    mapping.to_csv(out_root / "phantom_ids.csv", index=False)
-    return mapping

@@ -341,6 +341,49 @@ def _align(scores: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
     return labels.set_axis(scores.index)
 
 
+def _disease_row(
+    key: str, s: np.ndarray, y: np.ndarray, threshold_method: ThresholdMethod
+) -> dict[str, object]:
+    """One disease's metrics; NaN (and out of the macro) unless both classes occur."""
+    thr_col = threshold_column(threshold_method)
+    keep = ~(np.isnan(s) | np.isnan(y))
+    s, y = s[keep], y[keep]
+    row: dict[str, object] = {"disease": key}
+    row.update({c: math.nan for c in (*METRIC_COLUMNS, thr_col)})
+    row.update(
+        n_pos=int((y == 1).sum()), n_neg=int((y == 0).sum()), n_excluded=int((~keep).sum()),
+        in_macro=False,
+    )  # fmt: skip
+    if y.size and np.unique(y).size == 2:
+        threshold = choose_threshold(s, y, threshold_method)
+        at = binary_metrics(s, y, threshold)
+        row.update({c: at[c] for c in METRIC_COLUMNS if c in at})
+        row["auroc"] = float(binary_auroc(torch.as_tensor(_ranks(s)), torch.as_tensor(y).long()))
+        row[thr_col] = threshold
+        row["in_macro"] = True
+    return row
+
+
+def _with_macro_row(
+    table: pd.DataFrame, thr_col: str, macro_ci: tuple[float, float] | None
+) -> pd.DataFrame:
+    """``table`` plus the ``macro`` row (mean over diseases in the macro), columns ordered."""
+    macro = table.loc[table["in_macro"].astype(bool)].drop(
+        columns=["n_pos", "n_neg", "n_excluded", "in_macro", thr_col]
+    )
+    macro_row = macro.mean(axis=0, skipna=False) if len(macro) else macro.iloc[:0].mean()
+    if macro_ci is not None:
+        macro_row["auroc_ci_low"], macro_row["auroc_ci_high"] = macro_ci
+    table.loc["macro"] = macro_row
+    for col in ("n_pos", "n_neg", "n_excluded"):
+        table[col] = table[col].astype("Int64")
+    table.loc["macro", "in_macro"] = False
+    table["in_macro"] = table["in_macro"].astype(bool)
+    table.index.name = "disease"
+    order = ["auroc", "auroc_ci_low", "auroc_ci_high"] if macro_ci is not None else ["auroc"]
+    return table[order + [c for c in table.columns if c not in order]]
+
+
 def evaluate_scores(
     scores: pd.DataFrame | np.ndarray | torch.Tensor,
     labels: pd.DataFrame | np.ndarray | torch.Tensor,
@@ -376,50 +419,19 @@ def evaluate_scores(
     if bad.any():
         col = label_frame.columns[np.nonzero(bad.any(axis=0))[0][0]]
         raise ValueError(f"labels must be 0, 1 or NaN; column {col!r} holds other values")
-    thr_col = threshold_column(threshold_method)
-    rows: list[dict[str, object]] = []
-    for key in keys:
-        s, y = score_frame[key].to_numpy(), label_frame[key].to_numpy()
-        keep = ~(np.isnan(s) | np.isnan(y))
-        s, y = s[keep], y[keep]
-        row: dict[str, object] = {"disease": key}
-        row.update({c: math.nan for c in (*METRIC_COLUMNS, thr_col)})
-        row.update(
-            n_pos=int((y == 1).sum()),
-            n_neg=int((y == 0).sum()),
-            n_excluded=int((~keep).sum()),
-            in_macro=False,
-        )
-        if y.size and np.unique(y).size == 2:
-            threshold = choose_threshold(s, y, threshold_method)
-            at = binary_metrics(s, y, threshold)
-            row.update({c: at[c] for c in METRIC_COLUMNS if c in at})
-            row["auroc"] = float(
-                binary_auroc(torch.as_tensor(_ranks(s)), torch.as_tensor(y).long())
-            )
-            row[thr_col] = threshold
-            row["in_macro"] = True
-        rows.append(row)
+    rows = [
+        _disease_row(key, score_frame[key].to_numpy(), label_frame[key].to_numpy(),
+                     threshold_method)
+        for key in keys
+    ]  # fmt: skip
     table = pd.DataFrame(rows).set_index("disease")
+    macro_ci = None
     if n_boot > 0:
         low, high, macro_ci = bootstrap_auroc(
             score_frame.to_numpy(), label_frame.to_numpy(), n_boot=n_boot, seed=seed, ci=ci
         )
         table["auroc_ci_low"], table["auroc_ci_high"] = low, high
-    macro = table.loc[table["in_macro"].astype(bool)].drop(
-        columns=["n_pos", "n_neg", "n_excluded", "in_macro", thr_col]
-    )
-    macro_row = macro.mean(axis=0, skipna=False) if len(macro) else macro.iloc[:0].mean()
-    if n_boot > 0:
-        macro_row["auroc_ci_low"], macro_row["auroc_ci_high"] = macro_ci
-    table.loc["macro"] = macro_row
-    for col in ("n_pos", "n_neg", "n_excluded"):
-        table[col] = table[col].astype("Int64")
-    table.loc["macro", "in_macro"] = False
-    table["in_macro"] = table["in_macro"].astype(bool)
-    table.index.name = "disease"
-    order = ["auroc", "auroc_ci_low", "auroc_ci_high"] if n_boot > 0 else ["auroc"]
-    table = table[order + [c for c in table.columns if c not in order]]
+    table = _with_macro_row(table, threshold_column(threshold_method), macro_ci)
     table.attrs.update(
         threshold_method=threshold_method,
         single_class=[k for k in keys if not bool(table.loc[k, "in_macro"])],

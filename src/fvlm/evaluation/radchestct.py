@@ -161,6 +161,55 @@ def _find(root: Path, name: str) -> Path | None:
     return next(iter(sorted(root.rglob(name))), None)
 
 
+def _read_label_files(root: Path, split: str) -> pd.DataFrame:
+    """The label CSV(s) of ``split`` (every one present for ``all``), with a ``_split`` column."""
+    splits = list(_LABEL_FILES) if split == "all" else [split]
+    if split != "all" and split not in _LABEL_FILES:
+        raise ValueError(f"split must be one of {(*_LABEL_FILES, 'all')}, got {split!r}")
+    frames = []
+    for name in splits:
+        path = _find(root, _LABEL_FILES[name])
+        if path is None:
+            if split != "all":
+                raise FileNotFoundError(
+                    f"Rad-ChestCT {name} labels {_LABEL_FILES[name]} not under {root}"
+                )
+            continue
+        frame = pd.read_csv(path)
+        if "NoteAcc_DEID" not in frame.columns:
+            raise ValueError(f"{str(path)!r}: missing column 'NoteAcc_DEID'")
+        frames.append(frame.assign(_split=name))
+    if not frames:
+        raise FileNotFoundError(
+            f"no Rad-ChestCT label file {tuple(_LABEL_FILES.values())} under {root}"
+        )
+    raw = pd.concat(frames, ignore_index=True)
+    if raw["NoteAcc_DEID"].duplicated().any():
+        raise ValueError("Rad-ChestCT label files list a study twice")
+    return raw
+
+
+def _ctrate_keyed_labels(
+    raw: pd.DataFrame, label_map: Mapping[str, Sequence[str]], table: AnatomyTable | str
+) -> pd.DataFrame:
+    """``study_id`` + one column per CT-RATE disease key: 1 if any mapped column is positive."""
+    by_abnormality: dict[str, list[str]] = {}
+    for column in raw.columns:
+        if column not in ("NoteAcc_DEID", "_split"):
+            by_abnormality.setdefault(_abnormality(column), []).append(column)
+    labels = pd.DataFrame({"study_id": raw["NoteAcc_DEID"].astype(str)})
+    for column, key in ctrate_label_map(table).items():
+        sources = [c for a in label_map.get(column, ()) for c in by_abnormality.get(a.lower(), [])]
+        if sources:
+            labels[key] = (raw[sources].fillna(0).to_numpy() > 0).any(axis=1).astype(float)
+        else:
+            labels[key] = np.nan
+    unknown = [a for names in label_map.values() for a in names if a.lower() not in by_abnormality]
+    if unknown:
+        log.warning("Rad-ChestCT abnormalities named in the label map but absent: %s", unknown)
+    return labels
+
+
 def radchestct_manifest(
     root: str | Path,
     split: Literal["train", "valid", "test", "all"] = "all",
@@ -198,46 +247,10 @@ def radchestct_manifest(
     if missing not in ("drop", "keep", "error"):
         raise ValueError(f"missing must be 'drop', 'keep' or 'error', got {missing!r}")
     root = Path(root)
-    label_map = dict(RADCHESTCT_TO_CTRATE if label_map is None else label_map)
-    splits = list(_LABEL_FILES) if split == "all" else [split]
-    if split != "all" and split not in _LABEL_FILES:
-        raise ValueError(f"split must be one of {(*_LABEL_FILES, 'all')}, got {split!r}")
-    frames = []
-    for name in splits:
-        path = _find(root, _LABEL_FILES[name])
-        if path is None:
-            if split != "all":
-                raise FileNotFoundError(
-                    f"Rad-ChestCT {name} labels {_LABEL_FILES[name]} not under {root}"
-                )
-            continue
-        frame = pd.read_csv(path)
-        if "NoteAcc_DEID" not in frame.columns:
-            raise ValueError(f"{str(path)!r}: missing column 'NoteAcc_DEID'")
-        frames.append(frame.assign(_split=name))
-    if not frames:
-        raise FileNotFoundError(
-            f"no Rad-ChestCT label file {tuple(_LABEL_FILES.values())} under {root}"
-        )
-    raw = pd.concat(frames, ignore_index=True)
-    if raw["NoteAcc_DEID"].duplicated().any():
-        raise ValueError("Rad-ChestCT label files list a study twice")
-
-    by_abnormality: dict[str, list[str]] = {}
-    for column in raw.columns:
-        if column not in ("NoteAcc_DEID", "_split"):
-            by_abnormality.setdefault(_abnormality(column), []).append(column)
-    key_of = ctrate_label_map(table)
-    labels = pd.DataFrame({"study_id": raw["NoteAcc_DEID"].astype(str)})
-    for column, key in key_of.items():
-        sources = [c for a in label_map.get(column, ()) for c in by_abnormality.get(a.lower(), [])]
-        if sources:
-            labels[key] = (raw[sources].fillna(0).to_numpy() > 0).any(axis=1).astype(float)
-        else:
-            labels[key] = np.nan
-    unknown = [a for names in label_map.values() for a in names if a.lower() not in by_abnormality]
-    if unknown:
-        log.warning("Rad-ChestCT abnormalities named in the label map but absent: %s", unknown)
+    raw = _read_label_files(root, split)
+    labels = _ctrate_keyed_labels(
+        raw, RADCHESTCT_TO_CTRATE if label_map is None else label_map, table
+    )
 
     spacing_of = _spacings(root)
     masks = Path(mask_dir) if mask_dir is not None else None

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from fvlm.anatomy import AnatomyTable, Disease
+from fvlm.models.fine_grained_clip import whole_scan_embedding
 
 __all__ = [
     "DEFAULT_NEGATIVE_TEMPLATES",
@@ -161,19 +162,6 @@ def build_prompts(
     return prompts
 
 
-def whole_scan_embedding(image_emb: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Renormalised mean of each study's valid anatomy embeddings, ``(S, E)``.
-
-    Rows of studies without any valid anatomy are NaN: there is nothing to score them with.
-    """
-    emb = F.normalize(image_emb if image_emb.is_floating_point() else image_emb.float(), dim=-1)
-    weights = valid.to(emb.dtype).unsqueeze(-1)
-    summed = (emb * weights).sum(dim=1)
-    whole = F.normalize(summed, dim=-1)
-    empty = valid.sum(dim=1) == 0
-    return torch.where(empty[:, None], torch.full_like(whole, float("nan")), whole)
-
-
 def _encode(
     text_encode: Callable[[list[str]], torch.Tensor], texts: list[str], batch_size: int
 ) -> dict[str, torch.Tensor]:
@@ -200,6 +188,47 @@ def _disease_embedding(
     present = valid[:, index]
     chosen = torch.where(present[:, None], F.normalize(emb[:, index], dim=-1), whole)
     return chosen, int((~present).sum())
+
+
+def _study_embeddings(
+    image_emb: torch.Tensor, valid: torch.Tensor | None, table: AnatomyTable, mode: Mode
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Checked ``(S, A, E)`` float64 embeddings, the validity mask and the whole-scan ``(S, E)``.
+
+    float64 keeps near-1 probabilities apart. ``mode="global"`` has no validity mask.
+    """
+    emb = image_emb.detach().to(torch.float64)
+    if emb.ndim == 2:
+        emb = emb.unsqueeze(1)
+    if emb.ndim != 3:
+        raise ValueError(
+            f"image_emb must be (S, A, E) or (S, E), got shape {tuple(image_emb.shape)}"
+        )
+    if mode == "global":
+        if emb.shape[1] != 1:
+            raise ValueError(f"mode='global' expects one embedding per study, got {emb.shape[1]}")
+        return emb, None, F.normalize(emb[:, 0], dim=-1)
+    if emb.shape[1] != len(table):
+        raise ValueError(
+            f"image_emb has {emb.shape[1]} anatomies but table {table.name!r} has {len(table)}"
+        )
+    if valid is None or tuple(valid.shape) != tuple(emb.shape[:2]):
+        raise ValueError(f"mode='fine' needs valid of shape {tuple(emb.shape[:2])}")
+    valid_mask = valid.detach().to(device=emb.device, dtype=torch.bool)
+    return emb, valid_mask, whole_scan_embedding(emb, valid_mask)
+
+
+def _prompt_logit(
+    image: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, scale: float, ensemble: Ensemble
+) -> torch.Tensor:
+    """Logit of P(disease) ``(S,)`` of image embeddings against positive and negative prompts."""
+    if ensemble == "embedding":
+        t_pos, t_neg = F.normalize(pos.mean(0), dim=-1), F.normalize(neg.mean(0), dim=-1)
+        return scale * (image @ t_pos - image @ t_neg)
+    # z[s, p, n] = logit of the softmax of pair (p, n); log(mean sigmoid(z)) over pairs, minus
+    # log(mean sigmoid(-z)), is the logit of the mean probability, computed stably.
+    z = (scale * ((image @ pos.T)[:, :, None] - (image @ neg.T)[:, None, :])).flatten(1)
+    return torch.logsumexp(F.logsigmoid(z), 1) - torch.logsumexp(F.logsigmoid(-z), 1)
 
 
 def zero_shot_scores(
@@ -246,37 +275,18 @@ def zero_shot_scores(
         ``fallback_to_whole_scan`` (``{key: number of studies}``) and ``no_valid_anatomy`` (number
         of studies without any valid anatomy; their whole-scan scores are NaN).
     """
-    if mode not in ("fine", "global"):
-        raise ValueError(f"mode must be 'fine' or 'global', got {mode!r}")
-    if output not in ("probability", "logit"):
-        raise ValueError(f"output must be 'probability' or 'logit', got {output!r}")
-    if ensemble not in ("embedding", "probability"):
-        raise ValueError(f"ensemble must be 'embedding' or 'probability', got {ensemble!r}")
+    for name, value, allowed in (
+        ("mode", mode, ("fine", "global")),
+        ("output", output, ("probability", "logit")),
+        ("ensemble", ensemble, ("embedding", "probability")),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     scale = float(logit_scale)
     if not scale > 0:
         raise ValueError(f"logit_scale must be positive (1 / temperature), got {scale}")
-    emb = image_emb.detach().to(torch.float64)  # float64: keeps near-1 probabilities apart
-    if emb.ndim == 2:
-        emb = emb.unsqueeze(1)
-    if emb.ndim != 3:
-        raise ValueError(
-            f"image_emb must be (S, A, E) or (S, E), got shape {tuple(image_emb.shape)}"
-        )
-    n_studies = emb.shape[0]
-    if mode == "global":
-        if emb.shape[1] != 1:
-            raise ValueError(f"mode='global' expects one embedding per study, got {emb.shape[1]}")
-        whole, valid_mask, n_empty = F.normalize(emb[:, 0], dim=-1), None, 0
-    else:
-        if emb.shape[1] != len(table):
-            raise ValueError(
-                f"image_emb has {emb.shape[1]} anatomies but table {table.name!r} has {len(table)}"
-            )
-        if valid is None or tuple(valid.shape) != tuple(emb.shape[:2]):
-            raise ValueError(f"mode='fine' needs valid of shape {tuple(emb.shape[:2])}")
-        valid_mask = valid.detach().to(device=emb.device, dtype=torch.bool)
-        whole = whole_scan_embedding(emb, valid_mask)
-        n_empty = int((valid_mask.sum(dim=1) == 0).sum())
+    emb, valid_mask, whole = _study_embeddings(image_emb, valid, table, mode)
+    n_empty = 0 if valid_mask is None else int((valid_mask.sum(dim=1) == 0).sum())
 
     diseases = list(table.diseases() if diseases is None else diseases)
     prompts = build_prompts(table, diseases, templates)
@@ -292,21 +302,12 @@ def zero_shot_scores(
         image, fallbacks[disease.key] = _disease_embedding(
             disease, table, emb, valid_mask, whole, mode
         )
-        if ensemble == "embedding":
-            t_pos, t_neg = F.normalize(pos.mean(0), dim=-1), F.normalize(neg.mean(0), dim=-1)
-            logit = scale * (image @ t_pos - image @ t_neg)
-        else:
-            # z[s, p, n] = logit of the softmax of pair (p, n); log(mean sigmoid(z)) over pairs,
-            # minus log(mean sigmoid(-z)), is the logit of the mean probability, computed stably.
-            z = scale * ((image @ pos.T)[:, :, None] - (image @ neg.T)[:, None, :])
-            z = z.flatten(1)
-            logit = torch.logsumexp(F.logsigmoid(z), 1) - torch.logsumexp(F.logsigmoid(-z), 1)
-        prob = logit if output == "logit" else torch.sigmoid(logit)
-        columns[disease.key] = prob.cpu()
+        logit = _prompt_logit(image, pos, neg, scale, ensemble)
+        columns[disease.key] = (logit if output == "logit" else torch.sigmoid(logit)).cpu()
 
     index = pd.Index(list(study_ids), name="study_id") if study_ids is not None else None
-    if index is not None and len(index) != n_studies:
-        raise ValueError(f"{len(index)} study_ids for {n_studies} studies")
+    if index is not None and len(index) != emb.shape[0]:
+        raise ValueError(f"{len(index)} study_ids for {emb.shape[0]} studies")
     frame = pd.DataFrame({k: v.numpy() for k, v in columns.items()}, index=index)
     frame.attrs.update(
         mode=mode,

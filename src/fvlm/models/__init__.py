@@ -7,6 +7,7 @@ from fvlm.models.anatomy_pooling import AnatomyPooling, token_membership
 from fvlm.models.fine_grained_clip import FineGrainedCLIP, FineGrainedOutput, LogitScale
 from fvlm.models.global_clip import GlobalCLIP
 from fvlm.models.intensity_windows import IntensityWindows
+from fvlm.models.network import NETWORK_KINDS, NetworkKind, build_network, network_options
 from fvlm.models.text import MINILM, TextEncoder, load_tokenizer, resolve_text_model, text_keys
 from fvlm.models.vision import (
     CheckpointReport,
@@ -17,6 +18,7 @@ from fvlm.models.vision import (
 
 __all__ = [
     "MINILM",
+    "NETWORK_KINDS",
     "AnatomyPooling",
     "CheckpointReport",
     "FineGrainedCLIP",
@@ -24,11 +26,14 @@ __all__ = [
     "GlobalCLIP",
     "IntensityWindows",
     "LogitScale",
+    "NetworkKind",
     "TextEncoder",
     "VisionConfig",
     "VisionTransformer3D",
+    "build_network",
     "load_2d_checkpoint",
     "load_tokenizer",
+    "network_options",
     "resolve_text_model",
     "text_keys",
     "token_membership",

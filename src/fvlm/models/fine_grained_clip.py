@@ -22,7 +22,7 @@ from fvlm.models.vision import VisionConfig, VisionTransformer3D
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-__all__ = ["FineGrainedCLIP", "FineGrainedOutput", "LogitScale"]
+__all__ = ["FineGrainedCLIP", "FineGrainedOutput", "LogitScale", "whole_scan_embedding"]
 
 
 @dataclass
@@ -74,6 +74,19 @@ class LogitScale(nn.Module):
     def forward(self) -> torch.Tensor:
         """The current ``1 / tau`` as a scalar tensor."""
         return self.log_scale.clamp(max=self.max_log_scale).exp()
+
+
+def whole_scan_embedding(image_emb: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Renormalised mean of each study's valid anatomy embeddings, ``(S, E)``.
+
+    fVLM has no global image embedding; whole-scan findings are scored against this direction.
+    Rows of studies without any valid anatomy are NaN: there is nothing to score them with.
+    """
+    emb = F.normalize(image_emb if image_emb.is_floating_point() else image_emb.float(), dim=-1)
+    summed = (emb * valid.to(emb.dtype).unsqueeze(-1)).sum(dim=1)
+    whole = F.normalize(summed, dim=-1)
+    empty = valid.sum(dim=1) == 0
+    return torch.where(empty[:, None], torch.full_like(whole, float("nan")), whole)
 
 
 def _batch_tensor(batch: dict[str, object], key: str) -> torch.Tensor:
@@ -166,11 +179,10 @@ class FineGrainedCLIP(nn.Module):
     def global_embedding(
         self, image: torch.Tensor, anatomy: torch.Tensor, valid: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """One whole-scan embedding ``(B, E)``: the renormalised mean of the anatomy embeddings.
+        """One whole-scan embedding ``(B, E)``: :func:`whole_scan_embedding` of the anatomies.
 
-        fVLM has no global image embedding; whole-scan findings (``global/{disease}`` keys) are
-        scored against this mean direction. Averaged are the anatomies in ``valid`` (default: all
-        present in ``anatomy``); a sample with none gets a zero vector, i.e. similarity 0.
+        Averaged are the anatomies in ``valid`` (default: all present in ``anatomy``); a sample
+        with none gets a zero vector, i.e. similarity 0.
 
         Args:
             image: ``(B, 1, D, H, W)``.
@@ -179,8 +191,7 @@ class FineGrainedCLIP(nn.Module):
         """
         embedding, present = self.encode_image_with_presence(image, anatomy)
         weight = present if valid is None else present & valid.bool()
-        mean = (embedding * weight.unsqueeze(-1)).sum(1) / weight.sum(1, keepdim=True).clamp_min(1)
-        return F.normalize(mean, dim=-1)
+        return whole_scan_embedding(embedding, weight).nan_to_num(0.0)
 
     def forward(self, batch: dict[str, object]) -> FineGrainedOutput:
         """Embed a training batch (keys as in docs/architecture.md, "Batches").

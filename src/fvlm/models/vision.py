@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
+from monai.networks.blocks import MLPBlock, PatchEmbeddingBlock, SABlock
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -34,6 +34,7 @@ from fvlm.models.intensity_windows import IntensityWindows, check_windows
 
 __all__ = [
     "CheckpointReport",
+    "ViTBlock",
     "VisionConfig",
     "VisionPreset",
     "VisionTransformer3D",
@@ -83,6 +84,8 @@ class VisionConfig:
         num_layers: Number of transformer blocks.
         num_heads: Attention heads per block.
         dropout: Dropout of the embeddings, attention weights and MLPs (0 for MAE-initialised runs).
+            With dropout the attention runs MONAI's explicit path (an ``N x N`` matrix per head)
+            instead of fused SDPA, whose dropout MONAI keeps on in evaluation.
         qkv_bias: Bias on the fused qkv projection; True matches timm/MAE checkpoints.
         checkpoint_activations: Recompute each block in the backward pass (saves memory at the
             cost of about one extra forward); only active in training mode.
@@ -185,12 +188,48 @@ def grid_of(shape: tuple[int, ...], patch_size: tuple[int, ...]) -> Triple:
     return tuple(s // p for s, p in zip(shape, patch_size, strict=True))  # type: ignore[return-value]
 
 
+class ViTBlock(nn.Module):
+    """Pre-norm ViT block composed of MONAI's public ``SABlock`` and ``MLPBlock``.
+
+    MONAI's own ``TransformerBlock`` also builds a cross-attention LayerNorm that self-attention
+    never uses; its parameters would get no gradient, which DDP (``find_unused_parameters=False``)
+    rejects. Composing the two blocks keeps the same parameter names (``norm1``, ``attn``,
+    ``norm2``, ``mlp``), hence the same checkpoints, without touching MONAI's attributes.
+
+    Attention uses fused ``scaled_dot_product_attention`` when ``dropout`` is 0. MONAI passes its
+    dropout rate to that call whatever ``self.training`` says, so with dropout the block takes
+    MONAI's explicit path instead, whose ``nn.Dropout`` follows train/eval: evaluation stays
+    deterministic without setting anything inside MONAI's modules.
+    """
+
+    def __init__(
+        self, hidden_size: int, mlp_dim: int, num_heads: int, dropout: float, qkv_bias: bool
+    ) -> None:
+        """Build one block (creation order as MONAI's, so a seed gives the same weights)."""
+        super().__init__()
+        self.mlp = MLPBlock(hidden_size, mlp_dim, dropout)
+        self.norm1 = nn.LayerNorm(hidden_size)
+        self.attn = SABlock(
+            hidden_size,
+            num_heads,
+            dropout,
+            qkv_bias=qkv_bias,
+            use_flash_attention=dropout == 0.0,
+        )
+        self.norm2 = nn.LayerNorm(hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + attn(norm1(x))``, then ``+ mlp(norm2(.))``; ``(B, N, C)`` in and out."""
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
 class VisionTransformer3D(nn.Module):
     """A plain 3D ViT returning all patch tokens (no CLS): anatomy pooling needs every token.
 
     Built from MONAI's ``PatchEmbeddingBlock`` (Conv3d patchify + learned position embeddings) and
-    ``TransformerBlock`` (pre-norm, fused qkv, SDPA attention), followed by a final LayerNorm, so
-    the parameter layout follows timm's ViT closely enough for :func:`load_2d_checkpoint`.
+    :class:`ViTBlock` layers (pre-norm, fused qkv, SDPA attention), followed by a final LayerNorm,
+    so the parameter layout follows timm's ViT closely enough for :func:`load_2d_checkpoint`.
     """
 
     def __init__(self, config: VisionConfig | None = None) -> None:
@@ -219,20 +258,15 @@ class VisionTransformer3D(nn.Module):
             spatial_dims=3,
         )
         self.blocks = nn.ModuleList(
-            TransformerBlock(
+            ViTBlock(
                 config.hidden_size,
                 config.mlp_dim,
                 config.num_heads,
-                dropout_rate=config.dropout,
+                dropout=config.dropout,
                 qkv_bias=config.qkv_bias,
-                use_flash_attention=True,
             )
             for _ in range(config.num_layers)
         )
-        for block in self.blocks:
-            # MONAI builds this LayerNorm even without cross-attention; left in place its
-            # parameters never get a gradient, which DDP (find_unused_parameters=False) rejects.
-            block.norm_cross_attn = nn.Identity()
         self.norm = nn.LayerNorm(config.hidden_size)
         self.blocks.apply(_init_vit_weights)
         # CT intensities are absolute (HU). A homogeneous patch embeds as c * sum(w) + b, and the
@@ -240,7 +274,6 @@ class VisionTransformer3D(nn.Module):
         # intensity c: fatty and healthy liver would look alike. A bias of the same order as
         # c * sum(w) makes the direction, hence the token, depend on c from the first step.
         nn.init.normal_(self.patch_embedding.patch_embeddings.bias, std=0.5)
-        self.train()
         if config.init_from:
             load_2d_checkpoint(self, config.init_from)
 
@@ -258,17 +291,6 @@ class VisionTransformer3D(nn.Module):
     def hidden_size(self) -> int:
         """Token width ``C``."""
         return self.config.hidden_size
-
-    def train(self, mode: bool = True) -> VisionTransformer3D:
-        """Switch mode, also switching the attention dropout MONAI's SDPA path would keep on.
-
-        MONAI's ``SABlock`` passes its dropout rate to ``scaled_dot_product_attention`` whatever
-        ``self.training`` says, which would make evaluation stochastic whenever ``dropout > 0``.
-        """
-        super().train(mode)
-        for block in self.blocks:
-            block.attn.dropout_rate = self.config.dropout if mode else 0.0
-        return self
 
     def position_embeddings(self, grid: Triple) -> torch.Tensor:
         """Position embeddings ``(1, N, C)`` for ``grid``, trilinearly resized when it differs."""
@@ -339,8 +361,8 @@ class CheckpointReport:
     missing: list[str] = field(default_factory=list)
 
 
-# timm / MAE block names -> MONAI TransformerBlock names (same tensor layouts: MONAI's fused qkv
-# splits its output features as (qkv, head, dim) exactly like timm's).
+# timm / MAE block names -> ViTBlock names (same tensor layouts: MONAI's fused qkv splits
+# its output features as (qkv, head, dim) exactly like timm's).
 _BLOCK_RENAMES = (
     (re.compile(r"^blocks\.(\d+)\.norm1\.(weight|bias)$"), r"blocks.\1.norm1.\2"),
     (re.compile(r"^blocks\.(\d+)\.norm2\.(weight|bias)$"), r"blocks.\1.norm2.\2"),

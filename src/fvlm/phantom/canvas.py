@@ -50,7 +50,7 @@ class Canvas:
         label: str | int | None = None,
         within: np.ndarray | None = None,
         over: Collection[str] | None = None,
-    ) -> np.ndarray:
+    ) -> None:
         """Write ``hu`` (and ``label``) into the voxels of ``region``.
 
         Args:
@@ -61,22 +61,16 @@ class Canvas:
             within: Full-volume mask the painting is restricted to (e.g. the body cavity).
             over: Class names the painting is restricted to (plus unlabelled voxels when the
                 list contains ``""``), so that a lesion never leaves its organ.
-
-        Returns:
-            Full-volume boolean mask of the voxels painted.
         """
-        painted = np.zeros(self.grid.shape, bool)
         if region.empty:
-            return painted
-        box, mask = region.box, region.mask.copy()
+            return
+        box, mask = region.box, region.mask
         if within is not None:
-            mask &= within[box]
+            mask = mask & within[box]
         if over is not None:
             ids = [0 if name == "" else self.label_id(name) for name in over]
-            mask &= np.isin(self.labels[box], ids)
+            mask = mask & np.isin(self.labels[box], ids)
         values = hu[box][mask] if isinstance(hu, np.ndarray) else np.float32(hu)
         self.hu[box][mask] = values
         if label is not None:
             self.labels[box][mask] = label if isinstance(label, int) else self.label_id(label)
-        painted[box] = mask
-        return painted

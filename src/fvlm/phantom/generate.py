@@ -7,7 +7,8 @@ Layout (paths in the CSVs are relative to the output folder)::
     reports.csv                study_id, findings, impression
     labels.csv                 study_id, one 0/1 column per phantom disease key of the table
     manifest.csv               study_id, image, mask, findings, impression, split
-    phantom.json               generation parameters and each study's diseases and storage
+    phantom.json               generation parameters; each study's diseases, storage, grid and
+                               the anatomies the field of view cuts (faces they touch)
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from fvlm import __version__
 from fvlm.anatomy import AnatomyTable, load_anatomy_table
 
 from .diseases import DRAWABLE
-from .geometry import Grid
-from .study import DEFAULT_SHAPE, DEFAULT_SPACING, MIN_SHAPE, synthesize_study
+from .geometries import Geometry, ScanGeometry, cut_by_field_of_view
+from .study import PhantomStudy, synthesize_study
 
 __all__ = ["SPLITS", "assign_splits", "generate_phantom"]
 
@@ -96,12 +97,35 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object
         writer.writerows(rows)
 
 
+def _check_count_and_seed(n_studies: int, seed: int) -> None:
+    if isinstance(n_studies, bool) or not isinstance(n_studies, int | np.integer):
+        raise ValueError(f"n_studies must be an integer >= 1, got {n_studies!r}")
+    if n_studies < 1:
+        raise ValueError(f"n_studies must be >= 1, got {n_studies}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+
+
+def _study_record(study: PhantomStudy, split: str, table: AnatomyTable) -> dict:
+    """What ``phantom.json`` says about one study: diseases, storage, grid, cut anatomies."""
+    return {
+        "study_id": study.study_id,
+        "split": split,
+        "diseases": list(study.diseases),
+        "storage": study.storage.name,
+        "shape": list(study.grid.shape),
+        "spacing": list(study.grid.spacing),
+        "cut_by_field_of_view": cut_by_field_of_view(table.group(study.labels, "v2"), table),
+    }
+
+
 def generate_phantom(
     out_dir: str | Path,
     n_studies: int = 32,
     seed: int = 0,
-    shape: Sequence[int] = DEFAULT_SHAPE,
-    spacing: Sequence[float] = DEFAULT_SPACING,
+    geometry: Geometry = "demo",
+    shape: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
     splits: Sequence[float] = (0.7, 0.15, 0.15),
     preset: str | Path | AnatomyTable = "paper",
     progress: bool = True,
@@ -116,10 +140,18 @@ def generate_phantom(
         out_dir: Output folder (created).
         n_studies: Number of studies (>= 1).
         seed: Seed (>= 0) of everything: anatomy, diseases, noise, reports, storage, splits.
-        shape: Canonical grid ``(D, H, W)`` (inferior->superior, posterior->anterior,
-            left->right), at least ``(24, 24, 24)``.
-        spacing: Voxel size (mm) along the same axes; the body is scaled to fill the field of
-            view ``shape * spacing`` (the default is an adult trunk, pelvis to lung apices).
+        geometry: What is scanned (:mod:`fvlm.phantom.geometries`): ``demo``, the whole trunk
+            squeezed into one small grid; or an adult with real millimetre extents and organs cut
+            by the field of view: ``chest`` (CT-RATE-like), ``abdomen`` (abdomen-pelvis),
+            ``chest_abdomen_pelvis``.
+        shape: The demo's canonical grid ``(D, H, W)`` (inferior->superior, posterior->anterior,
+            left->right), at least ``(24, 24, 24)``; None: ``(40, 64, 80)``. Other geometries
+            take it from their field of view.
+        spacing: Voxel size (mm) along the same axes. Demo: the body is scaled to fill
+            ``shape * spacing`` (None: ``(8, 5, 5)``, an adult trunk squeezed into 320 mm).
+            Other geometries: one voxel size for every study with the same millimetre extents,
+            e.g. ``(6, 6, 6)`` for fast tests (None: scanner-like, 512 x 512 in-plane and 1-5 mm
+            slices, drawn per study).
         splits: Fractions of train, val and test studies (non-negative, summing to 1).
         preset: Anatomy table (preset name, YAML path or table). Its ``phantom`` diseases are
             the ``labels.csv`` columns and its keywords constrain the report wording.
@@ -129,44 +161,36 @@ def generate_phantom(
         Path of ``manifest.csv``.
 
     Raises:
-        ValueError: On bad arguments (count, seed, shape, spacing, splits, unknown preset, a table
-            whose phantom diseases the phantom cannot draw).
+        ValueError: On bad arguments (count, seed, geometry, shape, spacing, splits, unknown
+            preset, a table whose phantom diseases the phantom cannot draw).
     """
-    if isinstance(n_studies, bool) or not isinstance(n_studies, int | np.integer):
-        raise ValueError(f"n_studies must be an integer >= 1, got {n_studies!r}")
-    if n_studies < 1:
-        raise ValueError(f"n_studies must be >= 1, got {n_studies}")
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    _check_count_and_seed(n_studies, seed)
     split_names = assign_splits(int(n_studies), splits, int(seed))
     table = _phantom_table(preset)
     keys = [d.key for d in table.diseases("phantom")]
-    grid = Grid.checked(shape, spacing, MIN_SHAPE)  # before any folder is created
+    scans = ScanGeometry.checked(geometry, shape, spacing)  # before any folder is created
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir {str(out)!r} exists and is not a folder")
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    manifest, reports, labels, studies = [], [], [], []
+    manifest, labels, studies = [], [], []
     for index in tqdm(range(n_studies), desc="phantom", unit="study", disable=not progress):
-        study = synthesize_study(index, int(seed), grid.shape, grid.spacing, table)
+        study = synthesize_study(
+            index, int(seed), scans.shape, scans.spacing, table, geometry=scans.name
+        )
         image, mask = f"images/{study.study_id}.nii.gz", f"masks/{study.study_id}.nii.gz"
         nib.save(study.image(), out / image)
         nib.save(study.mask(), out / mask)
-        text = study.report
-        split = split_names[index]
+        text, split = study.report, split_names[index]
         manifest.append([study.study_id, image, mask, text.findings, text.impression, split])
-        reports.append([study.study_id, text.findings, text.impression])
         labels.append([study.study_id, *(int(key in study.diseases) for key in keys)])
-        studies.append(
-            {
-                "study_id": study.study_id,
-                "split": split,
-                "diseases": list(study.diseases),
-                "storage": study.storage.name,
-            }
-        )
-    _write_csv(out / "reports.csv", ["study_id", "findings", "impression"], reports)
+        studies.append(_study_record(study, split, table))
+    _write_csv(
+        out / "reports.csv",
+        ["study_id", "findings", "impression"],
+        [[row[0], row[3], row[4]] for row in manifest],
+    )
     _write_csv(out / "labels.csv", ["study_id", *keys], labels)
     header = ["study_id", "image", "mask", "findings", "impression", "split"]
     _write_csv(out / "manifest.csv", header, manifest)
@@ -175,8 +199,9 @@ def generate_phantom(
         "version": __version__,
         "seed": int(seed),
         "n_studies": int(n_studies),
-        "shape": list(grid.shape),
-        "spacing": list(grid.spacing),
+        "geometry": scans.name,
+        "shape": None if scans.shape is None else list(scans.shape),
+        "spacing": None if scans.spacing is None else list(scans.spacing),
         "splits": dict(zip(SPLITS, _check_splits(splits), strict=True)),
         "table": table.name,
         "contrast_phase": "portal venous",

@@ -15,9 +15,20 @@ from functools import cached_property
 
 import numpy as np
 
-__all__ = ["Box", "Grid", "Region", "ellipsoid", "tube"]
+__all__ = ["Box", "Grid", "Region", "checked_spacing", "ellipsoid", "tube"]
 
 Box = tuple[slice, slice, slice]
+
+
+def checked_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
+    """A voxel size (mm) from user input, with a clear ``ValueError`` if it is not 3 positives."""
+    try:
+        sizes = tuple(float(s) for s in spacing)
+    except (TypeError, ValueError):
+        raise ValueError(f"spacing must be three numbers (mm), got {spacing!r}") from None
+    if len(sizes) != 3 or not all(np.isfinite(s) and s > 0 for s in sizes):
+        raise ValueError(f"spacing must be three positive numbers (mm), got {spacing!r}")
+    return sizes  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -42,13 +53,7 @@ class Grid:
                 f"shape {tuple(map(int, values))} is too small: at least {tuple(min_shape)} voxels "
                 "are needed (D inferior->superior, H posterior->anterior, W left->right)"
             )
-        try:
-            sizes = tuple(float(s) for s in spacing)
-        except (TypeError, ValueError):
-            raise ValueError(f"spacing must be three numbers (mm), got {spacing!r}") from None
-        if len(sizes) != 3 or not all(np.isfinite(s) and s > 0 for s in sizes):
-            raise ValueError(f"spacing must be three positive numbers (mm), got {spacing!r}")
-        return cls(tuple(int(n) for n in values), sizes)  # type: ignore[arg-type]
+        return cls(tuple(int(n) for n in values), checked_spacing(spacing))  # type: ignore[arg-type]
 
     @cached_property
     def axes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -15,13 +15,12 @@ decomposer's leftmost-longest matcher: every keyword occurrence counts, overlapp
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from fvlm.anatomy import AnatomyTable
+from fvlm.anatomy import AnatomyTable, keyword_pattern
 
 from .findings import Finding
 from .volume import LUNG_LOBES
@@ -271,15 +270,7 @@ class KeywordIndex:
     def __init__(self, table: AnatomyTable) -> None:
         self.names = set(table.names)
         self._patterns = {
-            anatomy.name: re.compile(
-                r"(?<![A-Za-z0-9])(?:"
-                + "|".join(
-                    r"[\s\-]+".join(map(re.escape, keyword.lower().split()))
-                    for keyword in sorted({anatomy.label, *anatomy.keywords}, key=len, reverse=True)
-                )
-                + r")(?![A-Za-z0-9])",
-                re.IGNORECASE,
-            )
+            anatomy.name: keyword_pattern((anatomy.label, *anatomy.keywords))
             for anatomy in table.anatomies
             if anatomy.keywords or anatomy.label
         }

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from .canvas import Canvas
 from .frame import Frame
-from .geometry import Region, ellipsoid, tube
+from .geometry import Grid, Region, ellipsoid, tube
 from .layout import Layout
 
 __all__ = ["SIDES", "SPINE", "paint_skeleton"]
@@ -52,6 +52,18 @@ def _cross_section(
     return bone, values.astype(np.float32), body, canal
 
 
+def _slab(grid: Grid, level: np.ndarray, section: np.ndarray) -> Region:
+    """An axial ``section`` repeated over the slices of ``level`` (``(D, 1, 1)``, contiguous).
+
+    Only the slab's slices are evaluated: 17 vertebrae cost no more than one full volume.
+    """
+    rows = np.flatnonzero(level[:, 0, 0])
+    if len(rows) == 0:
+        return Region((slice(0, 0),) * 3, np.zeros((0, 0, 0), bool))  # type: ignore[arg-type]
+    box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(0, grid.shape[1]), slice(0, grid.shape[2]))
+    return Region(box, level[box[0]] & section[None])  # type: ignore[arg-type]
+
+
 def paint_skeleton(
     canvas: Canvas, frame: Frame, hu: dict[str, float], rng: np.random.Generator, layout: Layout
 ) -> None:
@@ -74,22 +86,13 @@ def paint_skeleton(
         length = max(0.85 * (z1 - z0), min(z1 - z0, 1.05 * dz))
         mid = (z0 + z1) / 2
         level = (zs >= mid - length / 2) & (zs <= mid + length / 2)
-        canvas.paint(
-            canvas.grid.everywhere(level & bone[None]),
-            np.broadcast_to(values, grid.shape),
-            name,
-            inner,
-        )
-        segment = (zs >= z0) & (zs < z1)
+        values = np.broadcast_to(values, grid.shape)
+        canvas.paint(_slab(grid, level, bone), values, name, inner)
+        segment = _slab(grid, (zs >= z0) & (zs < z1), canal)
         if i >= 4:  # the cord ends at L1; below it the canal holds CSF
-            canvas.paint(
-                canvas.grid.everywhere(segment & canal[None]),
-                hu["spinal_cord"],
-                "spinal_cord",
-                inner,
-            )
+            canvas.paint(segment, hu["spinal_cord"], "spinal_cord", inner)
         else:
-            canvas.paint(canvas.grid.everywhere(segment & canal[None]), hu["csf"], 0, inner)
+            canvas.paint(segment, hu["csf"], 0, inner)
     _paint_ribs(canvas, frame, hu, edges, layout)
     _paint_pelvis(canvas, frame, hu, rng, layout)
 

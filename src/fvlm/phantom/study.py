@@ -20,6 +20,14 @@ from .canvas import Canvas
 from .diseases import plan_findings, sample_disease_keys
 from .findings import Finding
 from .frame import Frame
+from .geometries import (
+    DEFAULT_SHAPE,
+    DEFAULT_SPACING,
+    MIN_SHAPE,
+    Geometry,
+    ScanGeometry,
+    images,
+)
 from .geometry import Grid
 from .hounsfield import HU, HU_CLIP, sample_hu
 from .lesions import paint_lesions
@@ -36,11 +44,15 @@ __all__ = [
     "synthesize_study",
 ]
 
-DEFAULT_SHAPE = (40, 64, 80)
-DEFAULT_SPACING = (8.0, 5.0, 5.0)
-#: Below this the vertebrae (17 levels along axis 0) and thin tubes no longer fit the grid.
-MIN_SHAPE = (24, 24, 24)
-_STREAMS = {"diseases": 0, "anatomy": 1, "lesions": 2, "noise": 3, "report": 4, "storage": 5}
+_STREAMS = {
+    "diseases": 0,
+    "anatomy": 1,
+    "lesions": 2,
+    "noise": 3,
+    "report": 4,
+    "storage": 5,
+    "geometry": 6,
+}
 
 
 @dataclass(frozen=True)
@@ -98,56 +110,88 @@ def _rng(seed: int, index: int, stream: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, index, _STREAMS[stream]]))
 
 
+def _disease_keys(
+    table: AnatomyTable,
+    frame: Frame | None,
+    forced: Sequence[str] | None,
+    rng: np.random.Generator,
+) -> list[str]:
+    """The study's diseases: ``forced`` ones (checked) or a draw among those the scan images.
+
+    Args:
+        table: The anatomy table; its ``phantom`` diseases are the candidates.
+        frame: An adult geometry's frame (only anatomies its field of view images can be
+            diseased: a chest scan shows no bladder stone), or None for the demo (all imaged).
+        forced: Disease keys to use instead of a draw, or None.
+        rng: The study's disease stream.
+    """
+    available = [d.key for d in table.diseases("phantom")]
+    imaged = [k for k in available if frame is None or images(frame, k.split("/")[0])]
+    if forced is None:
+        return sample_disease_keys(rng, imaged)
+    unknown = [key for key in forced if key not in available]
+    if unknown:
+        raise ValueError(
+            f"disease(s) {unknown} are not phantom diseases of table {table.name!r}; "
+            f"choose from {available}"
+        )
+    unseen = [key for key in forced if key not in imaged]
+    if unseen:
+        raise ValueError(
+            f"disease(s) {unseen} lie outside this study's field of view; it images {imaged}"
+        )
+    return [key for key in available if key in set(forced)]
+
+
 def synthesize_study(
     index: int,
     seed: int = 0,
-    shape: Sequence[int] = DEFAULT_SHAPE,
-    spacing: Sequence[float] = DEFAULT_SPACING,
+    shape: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
     table: AnatomyTable | str | Path = "paper",
     diseases: Sequence[str] | None = None,
+    geometry: Geometry = "demo",
 ) -> PhantomStudy:
     """Make study ``index`` of the phantom with seed ``seed`` (in memory; nothing is written).
 
     Args:
         index: Study number (>= 0); with ``seed`` it fixes everything about the study.
         seed: Phantom seed (>= 0).
-        shape: Canonical grid ``(D, H, W)``: inferior->superior, posterior->anterior,
-            left->right. At least :data:`MIN_SHAPE`.
-        spacing: Voxel size (mm) along the same axes; the body fills ``shape * spacing``.
+        shape: The demo geometry's canonical grid ``(D, H, W)``: inferior->superior,
+            posterior->anterior, left->right; at least :data:`MIN_SHAPE` (None:
+            :data:`DEFAULT_SHAPE`). Other geometries derive it from their field of view.
+        spacing: Voxel size (mm) along the same axes. Demo: the body fills ``shape * spacing``
+            (None: :data:`DEFAULT_SPACING`). Other geometries: one voxel size for every study,
+            same millimetre extents (None: scanner-like, drawn per study).
         table: Anatomy table (or preset name / YAML path); its ``phantom`` diseases are sampled
             and its keywords constrain the report wording.
         diseases: Force these disease keys (e.g. ``["liver/steatosis"]``, or ``[]`` for a
             healthy study) instead of sampling them - for tests and figures.
+        geometry: What is scanned (:mod:`fvlm.phantom.geometries`): ``demo`` (the whole trunk
+            squeezed into a small grid), or an adult with real extents: ``chest``, ``abdomen``,
+            ``chest_abdomen_pelvis``.
 
     Returns:
         The study.
 
     Raises:
-        ValueError: On a bad index, seed, shape or spacing, or a disease the table's phantom set
-            does not contain.
+        ValueError: On a bad index, seed, geometry, shape or spacing, or a forced disease the
+            table's phantom set does not contain or the study's field of view does not image.
     """
     if isinstance(index, bool) or not isinstance(index, int | np.integer) or index < 0:
         raise ValueError(f"index must be an integer >= 0, got {index!r}")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    grid = Grid.checked(shape, spacing, MIN_SHAPE)
+    scans = ScanGeometry.checked(geometry, shape, spacing)
     if not isinstance(table, AnatomyTable):
         table = load_anatomy_table(table)
-    available = [d.key for d in table.diseases("phantom")]
-    if diseases is None:
-        keys = sample_disease_keys(_rng(seed, index, "diseases"), available)
-    else:
-        unknown = [key for key in diseases if key not in available]
-        if unknown:
-            raise ValueError(
-                f"disease(s) {unknown} are not phantom diseases of table {table.name!r}; "
-                f"choose from {available}"
-            )
-        keys = [key for key in available if key in set(diseases)]
+    adult = scans.adult_frame(_rng(seed, index, "geometry"))  # None: the demo's, drawn below
+    keys = _disease_keys(table, adult, diseases, _rng(seed, index, "diseases"))
     rng = _rng(seed, index, "anatomy")
     findings = plan_findings(keys, rng)
     hu = sample_hu(rng)
-    frame = Frame.sample(grid, rng)
+    frame = Frame.sample(scans.grid, rng) if adult is None else adult
+    grid = frame.grid
     canvas = Canvas(grid, _class_ids(), HU["air"][0])
     layout = paint_anatomy(canvas, frame, hu, rng, findings)
     findings = paint_lesions(canvas, frame, layout, findings, hu, _rng(seed, index, "lesions"))

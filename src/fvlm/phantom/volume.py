@@ -23,12 +23,12 @@ from scipy import ndimage
 
 from .canvas import Canvas
 from .findings import Finding
-from .frame import Frame
+from .frame import INNER, BodyPlan, Frame
 from .geometry import Region, ellipsoid, tube
 from .layout import Layout, Organ
 from .skeleton import SIDES, paint_skeleton
 
-__all__ = ["LUNG_LOBES", "paint_anatomy"]
+__all__ = ["LUNG_LOBES", "nominal_span", "paint_anatomy"]
 
 #: Lobe class -> the words a report uses for it.
 LUNG_LOBES = {
@@ -38,6 +38,35 @@ LUNG_LOBES = {
     "lung_upper_lobe_left": "left upper lobe",
     "lung_lower_lobe_left": "left lower lobe",
 }
+
+
+#: Nominal cranio-caudal span (bottom, top ``t``) of the anatomies that carry phantom diseases,
+#: from the painters below (centre +- semi-axis at the middle of the size draws); lungs and heart
+#: come from the body plan.
+_SPANS = {
+    "kidney": (0.26, 0.48),
+    "liver": (0.34, 0.60),
+    "gallbladder": (0.32, 0.46),
+    "pancreas": (0.37, 0.48),
+    "spleen": (0.40, 0.58),
+    "urinary_bladder": (0.01, 0.14),
+    "aorta": (0.16, 0.87),
+}
+
+
+def nominal_span(anatomy: str, plan: BodyPlan) -> tuple[float, float]:
+    """Nominal (bottom, top) ``t`` of an anatomy that carries phantom diseases.
+
+    A scan geometry uses it to offer only the diseases of anatomies its field of view images.
+    """
+    if anatomy == "lung":
+        return plan.lung_t - plan.lung_rt, plan.lung_t + plan.lung_rt
+    if anatomy == "heart":
+        return plan.heart_t - plan.heart_rt, plan.heart_t + plan.heart_rt
+    try:
+        return _SPANS[anatomy]
+    except KeyError:
+        raise KeyError(f"the phantom draws no diseases of anatomy {anatomy!r}") from None
 
 
 def paint_anatomy(
@@ -81,6 +110,11 @@ def _texture(canvas: Canvas, rng: np.random.Generator) -> np.ndarray:
     return field / max(float(field.std()), 1e-6)
 
 
+def _mottled(texture: np.ndarray, threshold: float, gas: float, content: float) -> np.ndarray:
+    """Gas where the texture exceeds ``threshold``, else ``content`` (float32: no 8-byte copy)."""
+    return np.where(texture > threshold, np.float32(gas), np.float32(content))
+
+
 def _paint_body(
     canvas: Canvas, frame: Frame, hu: dict[str, float], rng: np.random.Generator
 ) -> Layout:
@@ -91,17 +125,25 @@ def _paint_body(
     belly = 1.0 + rng.uniform(0.0, 0.08) * np.exp(-(((t - 0.3) / 0.12) ** 2))
     rho = np.sqrt((x / frame.a) ** 2 + ((y - frame.yc) / (frame.b * belly)) ** 2)
     voxel = max(grid.spacing[1:])
-    skin = max(3.0, 0.8 * voxel) / min(frame.a, frame.b)
-    fat = rng.uniform(0.05, 0.15)
     wall = max(0.06, 0.9 * voxel / min(frame.a, frame.b))
-    body = rho <= 1.0
-    inner = rho <= 1.0 - skin - fat
-    cavity = rho <= 1.0 - skin - fat - wall
+    if frame.fat_mm is None:  # the demo: the fat is a fraction of the body outline
+        skin = max(3.0, 0.8 * voxel) / min(frame.a, frame.b)
+        inside = 1.0 - skin - rng.uniform(0.05, 0.15)
+        body, subcutaneous = rho <= 1.0, rho <= 1.0 - skin
+    else:  # an adult: the fat (mm) lies outside the muscle wall, whatever the frame's size
+        skin, inside = max(3.0, 0.8 * voxel), INNER
+        width = INNER * frame.a + frame.fat_mm + skin
+        depth = INNER * frame.b + frame.fat_mm + skin
+        outline = np.sqrt((x / width) ** 2 + ((y - frame.yc) / (depth * belly)) ** 2)
+        body, subcutaneous = outline <= 1.0, outline <= 1.0 - skin / min(width, depth)
+        del outline
+    inner = rho <= inside
+    cavity = rho <= inside - wall
     canvas.paint(grid.everywhere(body), hu["skin"], 0)
-    canvas.paint(grid.everywhere(rho <= 1.0 - skin), hu["subcutaneous_fat"], 0)
+    canvas.paint(grid.everywhere(subcutaneous), hu["subcutaneous_fat"], 0)
     canvas.paint(grid.everywhere(inner), hu["body_wall"], 0)
     canvas.paint(grid.everywhere(cavity), hu["visceral_fat"], 0)
-    return Layout(body=body, inner=inner, cavity=cavity, ring=1.0 - skin - fat - wall / 2)
+    return Layout(body=body, inner=inner, cavity=cavity, ring=inside - wall / 2)
 
 
 def _paint_lungs(
@@ -115,10 +157,10 @@ def _paint_lungs(
     """Five lobes split by oblique (right: also horizontal) fissures; effusion at the base."""
     emphysema = "lung/emphysema" in findings
     effusion = findings.get("lung/pleural_effusion")
-    scale = rng.uniform(0.94, 1.06)
+    scale, plan = rng.uniform(0.94, 1.06), frame.plan
     for side, sign in SIDES:
-        center = frame.point(sign * (0.50 + _jitter(rng)), 0.02 + _jitter(rng), 0.79)
-        radii = frame.radii(0.40, 0.80, 0.29) * scale * rng.uniform(0.96, 1.04)
+        center = frame.point(sign * (0.50 + _jitter(rng)), 0.02 + _jitter(rng), plan.lung_t)
+        radii = frame.radii(0.40, 0.80, plan.lung_rt) * scale * rng.uniform(0.96, 1.04)
         region = ellipsoid(canvas.grid, center, radii)
         if region.empty:
             continue
@@ -153,7 +195,7 @@ def _paint_bowel(
     """Small bowel loops (random walks in the mid abdomen) and the colon frame around them."""
     radius = canvas.grid.min_radius(0.08 * frame.scale)
     low, high = np.array([-0.35, 0.0, 0.15]), np.array([0.38, 0.45, 0.32])
-    bowel = np.where(texture > 1.4, hu["gas"], hu["bowel"]).astype(np.float32)
+    bowel = _mottled(texture, 1.4, hu["gas"], hu["bowel"])
     for _ in range(int(rng.integers(4, 7))):
         point = rng.uniform(low, high)
         walk = [point]
@@ -177,7 +219,7 @@ def _paint_bowel(
         (0.58, 0.02, 0.17),
     ]
     colon = [(u + _jitter(rng), v + _jitter(rng), t + _jitter(rng, 0.01)) for u, v, t in colon]
-    content = np.where(texture > 0.3, hu["gas"], hu["stool"]).astype(np.float32)
+    content = _mottled(texture, 0.3, hu["gas"], hu["stool"])
     region = tube(canvas.grid, frame.path(colon), canvas.grid.min_radius(0.12 * frame.scale))
     canvas.paint(region, content, "colon", layout.cavity)
 
@@ -211,7 +253,7 @@ def _paint_upper_abdomen(
         (-0.14, 0.12, 0.35),
     ]
     duodenum = tube(grid, frame.path(loop), canvas.grid.min_radius(0.075 * frame.scale))
-    content = np.where(texture > 1.2, hu["gas"], hu["bowel"]).astype(np.float32)
+    content = _mottled(texture, 1.2, hu["gas"], hu["bowel"])
     canvas.paint(duodenum, content, "duodenum", cavity)
     # Pancreas: head, neck, body, tail towards the splenic hilum.
     path = frame.path(
@@ -313,11 +355,13 @@ def _paint_mediastinum(
     findings: dict[str, Finding],
 ) -> None:
     """Heart (myocardium around a contrast-filled blood pool), aorta, esophagus and trachea."""
-    grid, cavity = canvas.grid, layout.cavity
+    grid, cavity, plan = canvas.grid, layout.cavity, frame.plan
     enlarge = findings["heart/cardiomegaly"].extent if "heart/cardiomegaly" in findings else 1.0
-    center = frame.point(-0.08 + _jitter(rng) - 0.1 * (enlarge - 1), 0.30 + _jitter(rng), 0.63)
-    radii = frame.radii(0.37, 0.40, 0.12) * rng.uniform(0.92, 1.08)
-    radii = radii * np.array([1.0 + 0.6 * (enlarge - 1), enlarge, enlarge])
+    u = -0.08 + _jitter(rng) - 0.1 * (enlarge - 1)
+    center = frame.point(u, 0.30 + _jitter(rng), plan.heart_t)
+    normal = frame.radii(0.37, 0.40, plan.heart_rt) * rng.uniform(0.92, 1.08)
+    radii = normal * np.array([1.0 + plan.heart_growth * (enlarge - 1), enlarge, enlarge])
+    center[0] += plan.heart_lift * (radii[0] - normal[0])  # an adult's heart grows upwards
     angle = -0.5  # the apex points forwards and to the patient's left
     effusion = findings.get("heart/pericardial_effusion")
     if effusion is not None:
@@ -328,7 +372,7 @@ def _paint_mediastinum(
     canvas.paint(ellipsoid(grid, center, radii * 0.72, angle), hu["blood_pool"], "heart", cavity)
     layout.organs["heart"] = Organ(center, radii, angle)
     # Aorta: root at the top of the heart, arch, descending aorta left of the spine.
-    root_t = frame.t_of(center[0] + 0.7 * radii[0])
+    root_t = min(frame.t_of(center[0] + 0.7 * radii[0]), 0.78)  # below the arch
     aorta = [
         (-0.02, 0.28, float(root_t)),
         (0.04, 0.22, 0.80),
@@ -344,7 +388,7 @@ def _paint_mediastinum(
     widths = np.maximum(widths * rng.uniform(0.9, 1.1), canvas.grid.min_radius(0.0))
     canvas.paint(tube(grid, frame.path(aorta), widths), hu["aorta"], "aorta", cavity)
     esophagus = [
-        (0.02, -0.12, 1.02),
+        (0.02, -0.12, plan.airway_top),
         (0.02, -0.13, 0.80),
         (-0.03, -0.10, 0.62),
         (-0.12, 0.00, 0.53),
@@ -352,7 +396,7 @@ def _paint_mediastinum(
     ]
     region = tube(grid, frame.path(esophagus), canvas.grid.min_radius(0.055 * frame.scale))
     canvas.paint(region, hu["esophagus"], "esophagus", cavity)
-    trachea = frame.path([(0.0, 0.10, 1.02), (0.0, 0.08, 0.84)])
+    trachea = frame.path([(0.0, 0.10, plan.airway_top), (0.0, 0.08, plan.carina)])
     outer = canvas.grid.min_radius(0.09 * frame.scale)
     canvas.paint(tube(grid, trachea, outer), hu["airway_wall"], "trachea", cavity)
     canvas.paint(tube(grid, trachea, outer - frame.mm(2.5)), hu["air"], "trachea", cavity)

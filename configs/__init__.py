@@ -1,0 +1,1 @@
+"""The YAML configs, installed as the package data ``fvlm.configs`` (see ``fvlm.config_files``)."""

@@ -1,0 +1,133 @@
+"""Zero-shot evaluation of checkpoints on a preprocessing cache: scores, metrics and outputs.
+
+The one code path of ``fvlm evaluate``, ``eval-ctrate`` and ``eval-radchestct``: each checkpoint's
+network embeds the split's studies (:mod:`~fvlm.evaluation.embedding`), the prompts of each disease
+are scored against the anatomy's embedding (fVLM) or the global one (CLIP), and the metrics,
+tables and plots are written. Several checkpoints give one comparison table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from fvlm.anatomy import load_anatomy_table
+from fvlm.checkpoint import TrainedNetwork, load_network
+from fvlm.evaluation.embedding import embed_studies, network_device
+from fvlm.evaluation.metrics import ThresholdMethod, evaluate_scores
+from fvlm.evaluation.plots import plot_auroc_comparison, plot_roc_curves
+from fvlm.evaluation.radchestct import merge_max_scores
+from fvlm.evaluation.report import comparison_table, write_report
+from fvlm.evaluation.zero_shot import zero_shot_scores
+from fvlm.models import load_tokenizer
+
+__all__ = ["evaluate_checkpoint", "evaluate_checkpoints", "print_results", "text_encoder"]
+
+
+def text_encoder(trained: TrainedNetwork) -> Callable[[list[str]], torch.Tensor]:
+    """Texts -> ``(M, E)`` embeddings through the network's tokenizer and text tower."""
+    tokenizer = load_tokenizer(trained.hparams["text_model"])
+    device = network_device(trained)
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        return trained.network.encode_text(
+            tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        ).cpu()
+
+    return encode
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    cache_dir: Path,
+    labels: pd.DataFrame,
+    split: str = "test",
+    anatomy_table: str = "paper",
+    benchmark: str | None = None,
+    threshold: ThresholdMethod = "top-left",
+    n_boot: int = 0,
+    device: str = "cpu",
+    score_merges: Mapping[str, Sequence[str]] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Score one checkpoint: returns (per-disease scores ``(S, K)``, metrics table).
+
+    ``score_merges`` (CT-RATE column -> columns whose maximum scores it, see
+    :func:`~fvlm.evaluation.merge_max_scores`) applies a dataset's scoring rule, such as CT-CLIP's
+    calcification rule on Rad-ChestCT, before the metrics.
+    """
+    trained = load_network(checkpoint, device)
+    table = load_anatomy_table(anatomy_table)
+    studies = embed_studies(trained, cache_dir, split, table)
+    diseases = [d for d in table.diseases(benchmark) if d.key in labels.columns]
+    if not diseases:
+        raise ValueError(
+            f"no disease of table {table.name!r} (benchmark {benchmark!r}) has a labels column"
+        )
+    network = trained.network
+    mode = "global" if trained.kind == "global" else "fine"
+    with torch.no_grad():
+        scores = zero_shot_scores(
+            studies.embeddings, studies.valid, text_encoder(trained), float(network.logit_scale()),
+            table, diseases, mode=mode, study_ids=studies.study_ids, output="logit",
+        )  # fmt: skip
+    if score_merges:
+        scores = merge_max_scores(scores, score_merges, table)
+    truth = labels.set_index("study_id").loc[studies.study_ids, [d.key for d in diseases]]
+    return scores, evaluate_scores(scores, truth, threshold_method=threshold, n_boot=n_boot)
+
+
+def evaluate_checkpoints(
+    checkpoints: Sequence[Path],
+    names: Sequence[str],
+    cache_dir: Path,
+    labels: pd.DataFrame,
+    out: Path,
+    split: str = "test",
+    anatomy_table: str = "paper",
+    benchmark: str | None = None,
+    threshold: ThresholdMethod = "top-left",
+    n_boot: int = 0,
+    device: str = "cpu",
+    score_merges: Mapping[str, Sequence[str]] | None = None,
+    extra: Mapping[str, object] | None = None,
+) -> dict[str, pd.DataFrame]:
+    """Evaluate each checkpoint and write its outputs.
+
+    Per checkpoint ``out/<name>/``: per-disease CSV, JSON summary (with ``extra``), table, ROC PNG,
+    ``scores.csv``, TensorBoard scalars; then ``out/comparison.txt`` (and, with several
+    checkpoints, ``out/auroc_comparison.png``).
+
+    Returns:
+        name -> the :func:`~fvlm.evaluation.evaluate_scores` table.
+    """
+    labels = labels.astype({"study_id": str})
+    results: dict[str, pd.DataFrame] = {}
+    for name, ckpt in zip(names, checkpoints, strict=True):
+        scores, table = evaluate_checkpoint(
+            ckpt, cache_dir, labels, split, anatomy_table, benchmark, threshold, n_boot, device,
+            score_merges,
+        )  # fmt: skip
+        folder = out / name
+        info = {"checkpoint": str(ckpt), "split": split} | dict(extra or {})
+        write_report(table, folder, name=name, extra=info)
+        truth = labels.set_index("study_id").loc[scores.index, scores.columns]
+        plot_roc_curves(
+            scores, truth, folder / "roc.png", results=table, title=f"{name} zero-shot ROC"
+        )
+        scores.to_csv(folder / "scores.csv")
+        results[name] = table
+    if len(results) > 1:
+        plot_auroc_comparison(results, out / "auroc_comparison.png")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.txt").write_text(comparison_table(results) + "\n")
+    return results
+
+
+def print_results(results: Mapping[str, pd.DataFrame], out: Path) -> None:
+    """Print the comparison table and where the outputs are."""
+    print(comparison_table(results))
+    print(f"\nOutputs in {out}/ (per-disease CSV, JSON summary, ROC PNG, TensorBoard scalars)")
