@@ -46,7 +46,8 @@ test-slow: $(STAMP) ## Run the slow end-to-end tests too
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 phantom: $(STAMP) ## Generate the synthetic CT phantom in $(DATA)
-	$(BIN)/fvlm phantom --out_dir $(DATA) --n_studies $(N_STUDIES) --seed 0 --splits '[0.6,0.1,0.3]'
+	$(BIN)/fvlm phantom --out_dir $(DATA) --n_studies $(N_STUDIES) --seed 0 --splits '[0.6,0.1,0.3]' \
+		--geometry chest_abdomen_pelvis --spacing '[8,5,5]'
 
 preprocess: $(STAMP) ## Preprocess $(MANIFEST) into $(CACHE) (default: the phantom; runs `phantom` if needed)
 	@test -f $(MANIFEST) || $(MAKE) --no-print-directory phantom
@@ -75,9 +76,11 @@ eval-radchestct: $(STAMP) ## Rad-ChestCT external evaluation: make eval-radchest
 	@test -n "$(RADCHESTCT)" -a -n "$(CKPT)" || { echo "usage: make eval-radchestct RADCHESTCT=<Rad-ChestCT dir> CKPT=<checkpoint> [MASKS=<TotalSegmentator maps>]"; exit 2; }
 	$(BIN)/fvlm eval-radchestct --root $(RADCHESTCT) --ckpt $(CKPT) --cache $(or $(RADCHESTCT_CACHE),data/cache/radchestct) --out runs/eval-radchestct $(if $(MASKS),--masks $(MASKS))
 
-bench: $(STAMP) ## Benchmarks: preprocessing vs naive, fine-grained vs CLIP step, loader vs step
+bench: $(STAMP) ## Benchmarks (real-size preprocessing and loader, training steps, evaluation)
 	$(BIN)/python benchmarks/bench_preprocess.py
+	$(BIN)/python benchmarks/bench_loader.py
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_eval.py
 
 clean: ## Remove generated data, logs and the virtual environment
 	rm -rf data runs lightning_logs $(VENV)

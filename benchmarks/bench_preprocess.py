@@ -1,111 +1,81 @@
-"""Throughput of ``fvlm preprocess`` against a naive single-process nibabel + scipy.ndimage pass.
+"""``fvlm preprocess`` on real-size CT against a naive nibabel + scipy pass: time and peak memory.
 
-Both passes read the same studies, reorient, resample (trilinear image, nearest labels), window,
-group the anatomy map, decompose the report with the same rules, and write ``.npy`` + JSON; the
-naive one does it study after study in one process with ``scipy.ndimage.zoom``. The ratio is
-measured in one run, so machine load affects both sides alike. A resumed run (nothing changed) is
-timed too.
+Input: one chest phantom study on a scanner grid, fitted to 512 x 512 x 300 int16 voxels (150
+MiB uncompressed; ``benchmarks/real_size.py``), or the studies of ``--manifest``. For each
+recipe (``configs/preprocess/abdomen.yaml``: 5 x 1 x 1 mm, ``chest.yaml``: 1.5 x 0.75 x 0.75 mm;
+precomputed masks, rule-based reports, one process) both passes do the same work on the same
+files: load, reorient to the canonical axes, resample the image (trilinear) and the label map
+(nearest), group the label map into the recipe's anatomies, window HU, decompose the report, write
+``.npy`` + JSON. The naive pass is nibabel's ``get_fdata`` + ``apply_orientation`` and
+``scipy.ndimage.zoom``, study after study.
 
-    python benchmarks/bench_preprocess.py                      # phantom studies, paper spacing
-    python benchmarks/bench_preprocess.py --manifest data/phantom/manifest.csv --workers 4
+Each pass runs in its own spawned process, ``--repeats`` times (best time kept), so its peak
+resident memory is its own: the peak is reset after the imports (``/proc/self/clear_refs``) and
+reported as the increase over the process's size at that point, against the uncompressed input
+volume. The ratios are measured in one run, so machine load affects both sides alike. A resumed
+run (nothing changed) is timed too, and where ``fvlm preprocess``'s time goes, by stage.
+
+    python benchmarks/bench_preprocess.py                     # both recipes, ~1.5 min on 2 cores
+    python benchmarks/bench_preprocess.py --quick             # 128 x 128 x 75 smoke run
+    python benchmarks/bench_preprocess.py --manifest M --recipes chest --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
+import multiprocessing as mp
 import os
+import queue
 import shutil
-import statistics
+import sys
 import tempfile
+import textwrap
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from nibabel import orientations
 from scipy import ndimage
 
-from fvlm.anatomy import load_anatomy_table, totalsegmentator_classes
-from fvlm.preprocess.config import PreprocessConfig
-from fvlm.preprocess.decomposition import RuleDecomposer
-from fvlm.preprocess.manifest import read_manifest
-from fvlm.preprocess.runner import run_preprocess
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from real_size import REAL_SHAPE, real_size_study, recipe_config, volume_bytes  # noqa: E402
+
+from fvlm.anatomy import AnatomyTable, load_anatomy_table  # noqa: E402
+from fvlm.preprocess.config import PreprocessConfig  # noqa: E402
+from fvlm.preprocess.decomposition import RuleDecomposer  # noqa: E402
+from fvlm.preprocess.manifest import read_manifest  # noqa: E402
+
+#: Targets of the "Performance" issue: speed-up over the naive pass, peak memory / input volume.
+TARGET_SPEEDUP = 2.0
+TARGET_MEMORY = 3.0
+RECIPES = ("abdomen", "chest")
 
 
-def _phantom(folder: Path, n: int, seed: int) -> Path:
-    try:
-        from fvlm.phantom import generate_phantom
-    except ImportError:
-        generate_phantom = None
-    if generate_phantom is not None:
-        return generate_phantom(folder, n_studies=n, seed=seed)
-    return _stand_in(folder, n, seed)
+# -- the two passes ----------------------------------------------------------------------------
 
 
-def _stand_in(folder: Path, n: int, seed: int) -> Path:
-    """Simple HU studies (body, liver, spleen, kidneys) when ``fvlm.phantom`` is not installed."""
-    ids = {name: cid for cid, name in totalsegmentator_classes("v2").items()}
-    shape, zooms = (256, 256, 64), (1.5, 1.5, 3.0)
-    grid = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
-    (folder / "images").mkdir(parents=True)
-    (folder / "masks").mkdir()
-    rows = []
-    for i in range(n):
-        rng = np.random.default_rng(seed + i)
-        hu = np.full(shape, -1000.0, np.float32)
-        seg = np.zeros(shape, np.uint8)
-        body = ((grid[0] - 128) / 110) ** 2 + ((grid[1] - 128) / 90) ** 2 < 1
-        hu[body] = 30
-        for name, centre, radii, value in [
-            ("liver", (170, 140, 36), (45, 40, 22), 60),
-            ("spleen", (80, 120, 40), (18, 20, 12), 50),
-            ("kidney_right", (160, 90, 24), (14, 16, 14), 35),
-            ("kidney_left", (96, 90, 24), (14, 16, 14), 35),
-        ]:
-            c = np.array(centre) + rng.uniform(-5, 5, 3)
-            inside = sum(((g - ci) / r) ** 2 for g, ci, r in zip(grid, c, radii, strict=True)) < 1
-            hu[inside], seg[inside] = value, ids[name]
-        hu += rng.normal(0, 10, shape).astype(np.float32)
-        affine = np.diag([*zooms, 1.0])
-        nib.save(
-            nib.Nifti1Image(hu.astype(np.int16), affine), folder / "images" / f"b{i:03d}.nii.gz"
-        )
-        nib.save(nib.Nifti1Image(seg, affine), folder / "masks" / f"b{i:03d}.nii.gz")
-        rows.append(
-            [
-                f"b{i:03d}",
-                f"images/b{i:03d}.nii.gz",
-                f"masks/b{i:03d}.nii.gz",
-                "The liver shows a small cyst. The spleen is normal.",
-                "Hepatic cyst.",
-            ]
-        )
-    manifest = folder / "manifest.csv"
-    with manifest.open("w", newline="") as handle:
-        csv.writer(handle).writerows(
-            [["study_id", "image", "mask", "findings", "impression"], *rows]
-        )
-    return manifest
-
-
-def _naive(manifest: Path, out: Path, spacing, window, table) -> list[float]:
-    """One process, study after study: nibabel reorientation and scipy.ndimage.zoom."""
+def naive_pass(config: PreprocessConfig, out: Path, table: AnatomyTable) -> None:
+    """One process, study after study: nibabel reorientation and ``scipy.ndimage.zoom``."""
     decomposer = RuleDecomposer(table)
     lut = table.lookup("v2")
     target = orientations.axcodes2ornt(("S", "A", "R"))
-    times = []
-    for row in read_manifest(manifest).rows:
-        start = time.perf_counter()
+    spacing, window = np.array(config.spacing), config.hu_window
+    for row in read_manifest(config.manifest).rows:
         image = nib.load(row.image)
         transform = orientations.ornt_transform(orientations.io_orientation(image.affine), target)
         hu = orientations.apply_orientation(image.get_fdata(dtype=np.float32), transform)
         seg = orientations.apply_orientation(np.asanyarray(nib.load(row.mask).dataobj), transform)
         zooms = np.array(image.header.get_zooms()[:3])[[int(a) for a, _ in transform]]
-        factors = zooms / np.array(spacing)
+        factors = zooms / spacing
         hu = ndimage.zoom(hu, factors, order=1, mode="nearest", grid_mode=True)
-        anatomy = lut[ndimage.zoom(seg, factors, order=0, mode="nearest", grid_mode=True)]
+        labels = ndimage.zoom(seg, factors, order=0, mode="nearest", grid_mode=True)
+        anatomy = lut[labels]
         image16 = np.clip((hu - window[0]) / (window[1] - window[0]), 0, 1).astype(np.float16)
         boxes = ndimage.find_objects(anatomy)
         decomposition = decomposer.decompose(row.findings, row.impression)
@@ -117,70 +87,252 @@ def _naive(manifest: Path, out: Path, spacing, window, table) -> list[float]:
         (folder / "meta.json").write_text(json.dumps(meta))
         report = {k: v.text for k, v in decomposition.anatomies.items()}
         (folder / "report.json").write_text(json.dumps(report))
-        times.append(time.perf_counter() - start)
-    return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--manifest", type=Path, help="existing manifest (default: make phantom)")
-    parser.add_argument("--n-studies", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--spacing", type=float, nargs=3, default=(5.0, 1.0, 1.0))
-    parser.add_argument("--window", type=float, nargs=2, default=(-300.0, 400.0))
-    args = parser.parse_args()
+#: ``fvlm.preprocess.runner`` names timed per stage (the runner imports them into its namespace).
+RUNNER_STAGES = {
+    "file_fingerprint": "input hashes",
+    "load_volume": "load image (gzip decode)",
+    "decide_rescale": "rescale decision",
+    "apply_rescale": "rescale",
+    "load_mask": "load mask",
+    "detect_totalseg_version": "TotalSegmentator version",
+    "canonicalise": "reorient",
+    "truncated_faces": "field-of-view truncation",
+    "resample": "resample",
+    "window_hu": "HU window",
+    "anatomy_stats": "anatomy boxes",
+}
 
-    work = Path(tempfile.mkdtemp(prefix="fvlm-bench-preprocess-"))
+
+def _timed(function: Callable, name: str | Callable[..., str], clock: dict) -> Callable:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start, cpu = time.perf_counter(), time.process_time()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            label = name(*args, **kwargs) if callable(name) else name
+            clock[label] += np.array([time.perf_counter() - start, time.process_time() - cpu])
+
+    return wrapper
+
+
+def _resample_label(*args: Any, **kwargs: Any) -> str:
+    how = args[2] if len(args) > 2 else kwargs.get("interpolation")
+    return f"resample ({'image' if how == 'linear' else 'labels'})"
+
+
+def instrument_runner(clock: dict) -> None:
+    """Time ``fvlm preprocess``'s stages into ``clock`` (label -> [wall, CPU] s), wrapped."""
+    from fvlm.preprocess import runner
+    from fvlm.preprocess.cache import StudyCache
+
+    for attribute, label in RUNNER_STAGES.items():
+        function = getattr(runner, attribute, None)
+        if function is None:  # the runner no longer calls it: its time falls under "other"
+            continue
+        if attribute == "resample":
+            label = _resample_label
+        setattr(runner, attribute, _timed(function, label, clock))
+    AnatomyTable.group = _timed(AnatomyTable.group, "group labels into anatomies", clock)
+    RuleDecomposer.decompose = _timed(RuleDecomposer.decompose, "report decomposition", clock)
+    StudyCache.write_study = _timed(StudyCache.write_study, "write cache", clock)
+
+
+# -- one pass per process ----------------------------------------------------------------------
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak RSS (``VmHWM``) to its current size; False where unsupported."""
     try:
-        manifest = args.manifest or _phantom(work / "data", args.n_studies, args.seed)
-        n = len(read_manifest(manifest).rows)
-        table = load_anatomy_table("paper")
-        config = PreprocessConfig(
-            manifest=manifest,
-            cache=work / "cache",
-            spacing=tuple(args.spacing),
-            hu_window=tuple(args.window),
-            workers=args.workers,
-            progress=False,
-        )
-        _naive(manifest, work / "warmup", args.spacing, args.window, table)  # page cache, imports
-        start = time.perf_counter()
-        naive_times = _naive(manifest, work / "naive", args.spacing, args.window, table)
-        naive_s = time.perf_counter() - start
-        start = time.perf_counter()
-        summary = run_preprocess(config, table=table)
-        pipeline_s = time.perf_counter() - start
-        start = time.perf_counter()
-        resumed = run_preprocess(config, table=table)
-        resumed_s = time.perf_counter() - start
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
 
-    assert summary.counts["ok"] == n and resumed.counts["skipped"] == n, summary.format()
-    worker_times = [r.seconds for r in summary.results]
-    print(
-        f"studies: {n}, target spacing {tuple(args.spacing)} mm, workers {args.workers}, "
-        f"cpus {os.cpu_count()}"
+
+def measure_child(spec: dict, results: Any) -> None:
+    """Spawned process: run one side ``repeats`` times on a fresh output; report time and peak."""
+    from fvlm.preprocess.runner import run_preprocess
+
+    work, n = Path(spec["work"]), spec["n_studies"]
+    config = recipe_config(spec["recipe"], Path(spec["manifest"]), work / "cache-0")
+    table = load_anatomy_table(config.anatomy_table)
+    clock: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(2))
+    if spec["side"] == "fvlm":
+        instrument_runner(clock)
+    peak_reset = _reset_peak()
+    base = _status_mib("VmRSS")
+    times, cpu, stages, resumed = [], [], {}, None
+    for repeat in range(spec["repeats"]):
+        cache = work / f"cache-{repeat}"
+        clock.clear()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        if spec["side"] == "naive":
+            naive_pass(config, cache, table)
+        else:
+            summary = run_preprocess(
+                recipe_config(spec["recipe"], config.manifest, cache), table=table
+            )
+            assert summary.counts["ok"] == n, summary.format()
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+        if times[-1] == min(times):
+            stages = {k: (v / n).tolist() for k, v in clock.items()}
+            stages["total"] = [times[-1] / n, cpu[-1] / n]
+        if repeat < spec["repeats"] - 1:
+            shutil.rmtree(cache, ignore_errors=True)
+    if spec["side"] == "fvlm":
+        start = time.perf_counter()
+        again = run_preprocess(recipe_config(spec["recipe"], config.manifest, cache), table=table)
+        resumed = time.perf_counter() - start
+        assert again.counts["skipped"] == n, again.format()
+    results.put(
+        {
+            "seconds": min(times) / n,
+            "times": [t / n for t in times],
+            "cpu": min(cpu) / n,
+            "peak_mib": _status_mib("VmHWM") - base,
+            "peak_from_start": not peak_reset,
+            "base_mib": base,
+            "stages": stages,
+            "resumed": resumed,
+        }
     )
-    print(
-        f"naive (1 process, nibabel + scipy.ndimage): {n / naive_s:7.2f} studies/s, "
-        f"{statistics.mean(naive_times):.3f} s/study"
+
+
+def measure(side: str, recipe: str, manifest: Path, work: Path, n: int, repeats: int) -> dict:
+    """Run :func:`measure_child` in a spawned process and return what it reports."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    spec = {
+        "side": side,
+        "recipe": recipe,
+        "manifest": str(manifest),
+        "work": str(work),
+        "n_studies": n,
+        "repeats": repeats,
+    }
+    process = context.Process(target=measure_child, args=(spec, results))
+    process.start()
+    while True:
+        try:
+            result = results.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not process.is_alive():
+                raise RuntimeError(f"{side} {recipe}: benchmark process died") from None
+    process.join(timeout=60)
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def report(results: dict[str, dict[str, dict]], input_mib: float) -> str:
+    """The table, the ratios against the targets, and the stage profile, as printed."""
+    lines = [
+        f"{'recipe':<9}{'pass':<18}{'s/study':>9}{'CPU s':>7}{'runs (s)':>14}{'peak MiB':>10}"
+        f"{'peak/input':>12}"
+    ]
+    for recipe, sides in results.items():
+        for side, r in sides.items():
+            runs = " ".join(f"{t:.2f}" for t in r["times"])
+            name = "naive nib+scipy" if side == "naive" else "fvlm preprocess"
+            lines.append(
+                f"{recipe:<9}{name:<18}{r['seconds']:>9.2f}{r['cpu']:>7.2f}{runs:>14}"
+                f"{r['peak_mib']:>10.0f}{r['peak_mib'] / input_mib:>11.2f}x"
+            )
+    lines += ["", f"ratios (targets: speed-up >= {TARGET_SPEEDUP:g}x, peak < "
+              f"{TARGET_MEMORY:g}x the input volume of {input_mib:.0f} MiB)"]  # fmt: skip
+    for recipe, sides in results.items():
+        naive, fvlm = sides["naive"], sides["fvlm"]
+        speed = naive["seconds"] / fvlm["seconds"]
+        speed_cpu = naive["cpu"] / fvlm["cpu"]
+        memory = fvlm["peak_mib"] / input_mib
+        lines += [
+            f"  {recipe:<8} speed-up (naive / fvlm) {speed:.2f}x wall, {speed_cpu:.2f}x CPU: "
+            + ("met" if speed >= TARGET_SPEEDUP else "MISSED"),
+            f"  {'':<8} fvlm peak {memory:.2f}x the input: "
+            + ("met" if memory < TARGET_MEMORY else "MISSED")
+            + f" (naive {naive['peak_mib'] / input_mib:.2f}x); resumed run {fvlm['resumed']:.2f} s",
+        ]
+    lines += ["", "where fvlm preprocess's time goes (s per study, best run; wall, then CPU)"]
+    for recipe, sides in results.items():
+        stages = dict(sides["fvlm"]["stages"])
+        wall, cpu = stages.pop("total")
+        other = [
+            wall - sum(v[0] for v in stages.values()),
+            cpu - sum(v[1] for v in stages.values()),
+        ]
+        stages["other (manifest, astype, meta, ...)"] = other
+        lines.append(f"  {recipe}: total {wall:.2f} s wall, {cpu:.2f} s CPU")
+        for label, (w, c) in sorted(stages.items(), key=lambda item: -item[1][0]):
+            if w >= 0.005:
+                lines.append(f"    {label:<36}{w:7.2f} s {100 * w / wall:5.1f} %{c:7.2f} s CPU")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--manifest", type=Path, help="existing studies (default: one made here)")
+    parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
+    parser.add_argument("--repeats", type=int, default=2, help="runs per pass (best kept)")
+    parser.add_argument("--seed", type=int, default=0, help="phantom seed of the made study")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"128 x 128 x 75 voxels instead of {REAL_SHAPE}"
     )
-    print(
-        f"fvlm preprocess (fresh cache):             {n / pipeline_s:7.2f} studies/s, "
-        f"{statistics.mean(worker_times):.3f} s/study in a worker, "
-        f"{pipeline_s:.2f} s wall incl. worker start"
-    )
-    print(
-        f"fvlm preprocess (resumed, all unchanged):  {n / resumed_s:7.2f} studies/s, "
-        f"{resumed_s:.2f} s wall"
-    )
-    print(
-        f"ratio pipeline / naive throughput: {naive_s / pipeline_s:.2f}x; "
-        f"single-study cost ratio (worker vs naive): "
-        f"{statistics.mean(naive_times) / statistics.mean(worker_times):.2f}x"
-    )
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    repeats = 1 if args.quick else args.repeats
+
+    total = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fvlm-bench-preprocess-") as tmp:
+        work = Path(tmp)
+        start = time.perf_counter()
+        manifest = args.manifest or real_size_study(work / "data", args.quick, args.seed)
+        setup_s = time.perf_counter() - start
+        n = len(read_manifest(manifest).rows)
+        input_mib = volume_bytes(manifest) / 2**20
+        first = nib.load(read_manifest(manifest).rows[0].image)
+        header = (
+            f"fvlm preprocessing benchmark: {n} {'study' if n == 1 else 'studies'} of "
+            f"{' x '.join(map(str, first.shape))} {first.get_data_dtype()} "
+            f"({input_mib:.0f} MiB uncompressed, zooms "
+            f"{' x '.join(f'{z:.2f}' for z in first.header.get_zooms()[:3])} mm, "
+            f"{''.join(nib.aff2axcodes(first.affine))}); one process per pass, best of {repeats}; "
+            f"{os.cpu_count()} CPUs; input made in {setup_s:.0f} s"
+        )
+        print("\n".join(textwrap.wrap(header, 100)), flush=True)
+        results: dict[str, dict[str, dict]] = {}
+        for recipe in args.recipes:
+            config = recipe_config(recipe, manifest, work / "x")
+            print(
+                f"  {recipe}: {config.spacing} mm, HU {config.hu_window}, table "
+                f"{config.anatomy_table}",
+                flush=True,
+            )
+            results[recipe] = {}
+            for side in ("naive", "fvlm"):
+                result = measure(side, recipe, manifest, work / f"{recipe}-{side}", n, repeats)
+                results[recipe][side] = result
+                print(f"    {side}: {result['seconds']:.2f} s/study", flush=True)
+        print()
+        print(report(results, input_mib))
+        if any(side["peak_from_start"] for sides in results.values() for side in sides.values()):
+            print("(peak RSS could not be reset here: peaks include the imports)")
+    print(f"\ntotal {time.perf_counter() - total:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Training-side ratios of fvlm, measured in one run (``make bench``; DESIGN "Performance design").
+"""Training-side ratios of fvlm, measured in one run (``make bench``).
 
 On a synthetic cache shaped like ``fvlm preprocess`` output (the paper's 35-anatomy table, the
 demo's 3D ViT, the real MiniLM text encoder) this prints:
@@ -109,24 +109,18 @@ def make_data(cache: Path, batch_size: int, num_workers: int):  # noqa: ANN201 -
         num_workers=num_workers,
         max_text_length=MAX_TEXT_LENGTH,
         pin_memory=False,
+        crop_check="off",  # synthetic studies: their crop-validity table says nothing here
     )
     data.setup("fit")
     return data
 
 
-def loader_throughput(cache: Path, batch_size: int, num_workers: int, batches: int) -> float:
+def loader_rate(cache: Path, batch_size: int, num_workers: int, batches: int) -> float:
     """Steady-state samples/s of the training loader (worker start-up and first batch excluded)."""
+    from bench_loader import loader_throughput
+
     loader = make_data(cache, batch_size, num_workers).train_dataloader()
-    seen, start = -1, 0.0
-    while seen < batches:
-        for _batch in loader:
-            if seen < 0:
-                start = time.perf_counter()  # clock starts once the first batch is out
-            seen += 1
-            if seen == batches:
-                break
-    elapsed = time.perf_counter() - start
-    return batches * batch_size / elapsed
+    return loader_throughput(loader, batches)[0]
 
 
 # -- one model per process ---------------------------------------------------------------------
@@ -310,9 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         loaders = {}
         for workers in (0, 2):
-            loaders[workers] = loader_throughput(
-                cache, args.batch_size, workers, args.loader_batches
-            )
+            loaders[workers] = loader_rate(cache, args.batch_size, workers, args.loader_batches)
         loader = make_data(cache, args.batch_size, 0).train_dataloader()
         batches = []
         while len(batches) < args.warmup + args.steps:

@@ -12,18 +12,22 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fvlm.anatomy import AnatomyTable, load_anatomy_table
+from fvlm.crop_validity import check_crop_validity
 from fvlm.models.text import MINILM, resolve_text_model
 from fvlm.preprocess.cache import StudyCache
 
 from .collate import collate_studies
 from .study_dataset import CachedStudyDataset
 
-__all__ = ["CTReportDataModule", "EpochSampler", "LazyLoader", "SeededItems", "Split"]
+__all__ = ["CTReportDataModule", "CropCheck", "EpochSampler", "LazyLoader", "SeededItems", "Split"]
 
 Split = Literal["train", "val", "test"]
+#: What ``fit`` does about disease-carrying anatomies the training crop rarely holds whole.
+CropCheck = Literal["warn", "strict", "off"]
 
 
 class EpochSampler(DistributedSampler):
@@ -138,6 +142,15 @@ class CTReportDataModule(LightningDataModule):
         labels: Optional CSV of per-study disease labels (``study_id`` + disease-key columns,
             0/1, empty = unknown; e.g. the phantom's ``labels.csv``). With it, validation and
             test log zero-shot AUROC (``val/auroc_macro``) for checkpoint selection.
+        crop_check: At ``fit`` setup, simulate anatomy-aware crops of ``crop_size`` on the
+            training split's bounding boxes (``meta.json`` only; see ``fvlm crop-report``), log
+            the crop validity table and, for each disease-carrying anatomy valid in under 20 % of
+            the crops where it is complete (its diseases would rarely enter the loss), ``warn``
+            naming it and the smallest crop holding it in 95 % of the studies; ``strict`` raises
+            a ``ValueError`` instead; ``off`` skips the check.
+        skip_unreadable: A study whose cache files cannot be read is skipped with a warning
+            naming it (the next readable study takes its place) instead of stopping the epoch;
+            ``fvlm verify-cache`` lists such studies beforehand.
     """
 
     def __init__(
@@ -159,18 +172,27 @@ class CTReportDataModule(LightningDataModule):
         val_split: str = "val",
         test_split: str = "test",
         labels: str | None = None,
+        crop_check: CropCheck = "warn",
+        skip_unreadable: bool = False,
     ) -> None:
         super().__init__()
         if len(crop_size) != 3 or any(int(c) < 1 for c in crop_size):
             raise ValueError(f"crop_size must be 3 positive integers, got {crop_size!r}")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ValueError("batch_size and eval_batch_size must be >= 1")
+        if batch_size == 1:
+            raise ValueError(
+                "batch_size must be >= 2 per device: a contrastive loss over one sample has no "
+                "negatives (its loss is 0 and nothing is learned)"
+            )
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if max_text_length < 2 or report_max_length < 2:
             raise ValueError("max_text_length and report_max_length must be >= 2 (CLS + SEP)")
         if any(a not in (0, 1, 2) for a in flip_axes) or len(set(flip_axes)) != len(flip_axes):
             raise ValueError(f"flip_axes must be distinct values among 0, 1, 2, got {flip_axes}")
+        if crop_check not in ("warn", "strict", "off"):
+            raise ValueError(f"crop_check must be 'warn', 'strict' or 'off', got {crop_check!r}")
         self.save_hyperparameters()
         self.cache_dir = cache_dir
         self.table: AnatomyTable = load_anatomy_table(anatomy_table)
@@ -183,11 +205,14 @@ class CTReportDataModule(LightningDataModule):
         self.report_max_length = report_max_length
         self.flip_axes = tuple(flip_axes) if flip else ()
         self.seed = seed
+        self.skip_unreadable = skip_unreadable
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.splits: dict[Split, str] = {"train": train_split, "val": val_split, "test": test_split}
         self.datasets: dict[Split, CachedStudyDataset] = {}
         self.labels = labels
         self._disease_labels: pd.DataFrame | None = None
+        self.crop_check = crop_check
+        self._crops_checked = False
 
     @property
     def num_anatomies(self) -> int:
@@ -245,6 +270,25 @@ class CTReportDataModule(LightningDataModule):
                 f"cache {self.cache_dir!r} has no 'ok' study in split {self.splits['train']!r}; "
                 f"(split, status) counts: {dict(counts)}"
             )
+        if stage == "fit":
+            self._check_crops()
+
+    def _check_crops(self) -> None:
+        """Log the training split's crop validity table; warn (or raise) per ``crop_check``."""
+        if self.crop_check == "off" or self._crops_checked:
+            return
+        check = check_crop_validity(
+            self.cache_dir,
+            self.crop_size,
+            self.table,
+            split=self.splits["train"],
+            seed=self.seed,
+            strict=self.crop_check == "strict",
+        )
+        self._crops_checked = True
+        rank_zero_info(check.format())
+        for line in check.warnings:
+            rank_zero_warn(f"crop check: {line}")
 
     def _build_dataset(self, split: Split) -> CachedStudyDataset:
         return CachedStudyDataset(
@@ -257,6 +301,7 @@ class CTReportDataModule(LightningDataModule):
             max_text_length=self.max_text_length,
             report_max_length=self.report_max_length,
             flip_axes=self.flip_axes,
+            skip_unreadable=self.skip_unreadable,
         )
 
     def _dataloader_factory(self, split: Split) -> DataLoader:

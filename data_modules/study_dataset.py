@@ -10,6 +10,7 @@ training process never waits on it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from fvlm.crop import (
     draw_flip_axes,
 )
 from fvlm.models.text import MINILM, load_tokenizer
-from fvlm.preprocess.cache import StudyCache
+from fvlm.preprocess.cache import CacheError, StudyCache
 
 __all__ = ["CachedStudyDataset", "cache_hu_window", "read_cache_manifest"]
 
@@ -77,6 +78,10 @@ class CachedStudyDataset(Dataset):
         flip_axes: Axes flipped at random in train mode (see :func:`fvlm.crop.random_flip`);
             ``()`` disables flipping.
         flip_prob: Probability of flipping each axis of ``flip_axes``.
+        skip_unreadable: A study whose cache files cannot be read (truncated, deleted, bad JSON)
+            is skipped with a warning naming it, and the next study of the split is served in
+            its place, instead of the error (which also names it) ending the epoch.
+            ``fvlm verify-cache`` lists such studies; ``fvlm preprocess`` redoes them.
     """
 
     def __init__(
@@ -91,6 +96,7 @@ class CachedStudyDataset(Dataset):
         report_max_length: int = 512,
         flip_axes: Sequence[int] = (2,),
         flip_prob: float = 0.5,
+        skip_unreadable: bool = False,
     ) -> None:
         crop = tuple(int(c) for c in crop_size)
         if len(crop) != 3 or min(crop) < 1:
@@ -110,6 +116,8 @@ class CachedStudyDataset(Dataset):
         self.report_max_length = int(report_max_length)
         self.flip_axes = tuple(int(a) for a in flip_axes)
         self.flip_prob = float(flip_prob)
+        self.skip_unreadable = bool(skip_unreadable)
+        self.unreadable: dict[str, str] = {}  # study id -> why, found so far in this process
         self.study_ids = self.cache.ok_studies(split)
         # Anatomy id (cache value) -> table index + 1; ids outside the table become background
         # (a cache of another table is caught earlier, by the anatomy names in meta.json).
@@ -184,8 +192,51 @@ class CachedStudyDataset(Dataset):
         )
         return encoded["input_ids"].long(), encoded["attention_mask"].long()
 
+    def read_crop(
+        self,
+        image: np.ndarray,
+        labels: np.ndarray,
+        start: Sequence[int],
+        flip: Sequence[int] = (),
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The crop at ``start`` of a study's memory maps, as a sample holds it.
+
+        Returns the float32 image and the anatomy map as table index + 1; outside the volume
+        both are padded with 0 (the HU window's lower end, background). Evaluation reads its
+        planned crops through this too, so it sees exactly what training saw.
+        """
+        image_crop = crop_array(
+            image, start, self.crop_size, pad_value=0.0, dtype=np.float32, flip=flip
+        )
+        anatomy_crop = crop_array(labels, start, self.crop_size, pad_value=0, flip=flip)
+        if not self._lut_is_identity:
+            anatomy_crop = self._lut[anatomy_crop]
+        return image_crop, anatomy_crop
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        study_id = self.study_ids[index]
+        """The sample of study ``index``; an unreadable one raises or, if skipped, the next."""
+        for step in range(len(self.study_ids)):
+            study_id = self.study_ids[(index + step) % len(self.study_ids)]
+            try:
+                return self._sample(study_id)
+            except (CacheError, OSError) as err:
+                why = str(err) if isinstance(err, CacheError) else f"{type(err).__name__}: {err}"
+                if study_id not in why:
+                    why = f"study {study_id!r}: {why}"
+                if not self.skip_unreadable:
+                    raise CacheError(
+                        f"{why} (skip_unreadable: true skips such studies; `fvlm preprocess` "
+                        "redoes them)"
+                    ) from err
+                if study_id not in self.unreadable:
+                    self.unreadable[study_id] = why
+                    warnings.warn(f"skipping unreadable {why}", RuntimeWarning, stacklevel=2)
+        raise CacheError(
+            f"every study of split {self.split!r} in {self.cache_dir} is unreadable, e.g. "
+            f"{next(iter(self.unreadable.values()), '?')}"
+        )
+
+    def _sample(self, study_id: str) -> dict[str, Any]:
         meta = self.cache.study_meta(study_id)
         report = self.cache.study_report(study_id)
         image, labels = self.cache.open_arrays(study_id, meta)
@@ -197,12 +248,7 @@ class CachedStudyDataset(Dataset):
         start = self.choose_crop(image.shape, bboxes * complete[:, None, None], rng)
         valid = crop_valid(bboxes, start, self.crop_size) & complete
         flip = draw_flip_axes(self.flip_axes, rng, self.flip_prob) if rng is not None else ()
-        image_crop = crop_array(
-            image, start, self.crop_size, pad_value=0.0, dtype=np.float32, flip=flip
-        )
-        anatomy_crop = crop_array(labels, start, self.crop_size, pad_value=0, flip=flip)
-        if not self._lut_is_identity:
-            anatomy_crop = self._lut[anatomy_crop]
+        image_crop, anatomy_crop = self.read_crop(image, labels, start, flip)
 
         texts, normal = self.read_texts(report, study_id)
         text_ids, text_mask = self._tokenize(texts, self.max_text_length)

@@ -23,7 +23,9 @@ class FVLMCLI(LightningCLI):
             "data.num_anatomies", "model.init_args.num_anatomies", apply_on="instantiate"
         )
         parser.link_arguments("data.tokenizer", "model.init_args.text_model")
-        parser.link_arguments("data.crop_size", "model.init_args.vision.img_size")
+        parser.link_arguments(
+            "data.crop_size", "model.init_args.vision.img_size", apply_on="instantiate"
+        )
         parser.link_arguments(
             "data.hu_window", "model.init_args.vision.source_hu_window", apply_on="instantiate"
         )

@@ -87,7 +87,7 @@ class ZeroShotAUROC(nn.Module):
             out.image_emb, out.valid, encode, out.logit_scale, self.table, self.diseases,
             mode=self.mode, output="logit",
         )  # fmt: skip
-        scores = torch.as_tensor(frame[self.keys].to_numpy(), dtype=torch.float32)
+        scores = torch.tensor(frame[self.keys].to_numpy(dtype="float32"))
         target = self._targets(study_ids, scores)
         scores, target = scores.nan_to_num(0.0).to(device), target.to(device)
         self.auroc.update(scores, target)

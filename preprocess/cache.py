@@ -6,8 +6,10 @@ Layout (fields in ``docs/architecture.md``, "Preprocessing cache")::
     <cache>/studies/<id>/image.npy        float16 (D, H, W), canonical axes, HU window -> [0, 1]
     <cache>/studies/<id>/anatomy.npy      uint8 (D, H, W) anatomy ids of the table
     <cache>/studies/<id>/meta.json        spacing, shape, decisions, per-anatomy bbox and
-                                          field-of-view truncation, input hashes
+                                          field-of-view truncation, input hashes, and size and
+                                          CRC-32 of the three other files (``files``)
     <cache>/studies/<id>/report.json      findings, impression, per-anatomy text/normal/source
+                                          and decomposer_used (``rules`` where the LLM fell back)
 
 :class:`StudyCache` is the only code that spells this layout out: ``fvlm preprocess`` writes
 through it, :class:`~fvlm.data_modules.CachedStudyDataset` and evaluation read through it. It
@@ -15,8 +17,12 @@ imports neither Lightning nor torch.
 
 A study folder appears all at once: its files are written into ``<cache>/.tmp/`` and the folder is
 renamed into place, so a run killed at any moment leaves each study either complete or absent, and
-``manifest.csv`` is replaced atomically too. A lock file keeps two runs off one cache, and a second
-lock lets a new run wait for worker processes that a killed run left finishing their last study.
+``manifest.csv`` is replaced atomically too. A failed write (a full disk, a quota, a file-size
+limit) leaves the study's previous folder as it was: the old folder is moved aside only once the
+new one is complete. ``meta.json`` records the size and CRC-32 of the three other files
+(``files``), so :meth:`StudyCache.verify_study` (and ``fvlm verify-cache``) find truncated or
+altered files. A lock file keeps two runs off one cache, and a second lock lets a new run wait for
+worker processes that a killed run left finishing their last study.
 
 ``meta.json`` lists every anatomy of the table (absent ones with ``voxels: 0, bbox: null``).
 Studies that are no longer in the input manifest stay on disk but are not listed in
@@ -26,6 +32,7 @@ Studies that are no longer in the input manifest stay on disk but are not listed
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import hashlib
 import io
@@ -36,7 +43,8 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -53,13 +61,20 @@ __all__ = [
     "CacheError",
     "StudyCache",
     "file_fingerprint",
+    "storage_full",
     "text_fingerprint",
+    "verify_cache",
 ]
 
 MANIFEST_COLUMNS = ("study_id", "split", "status", "reason")
 _REQUIRED_COLUMNS = MANIFEST_COLUMNS[:3]  # ``reason`` is for people, readers need no more
 STUDY_FILES = ("image.npy", "anatomy.npy", "meta.json", "report.json")
+_ARRAYS = ("image.npy", "anatomy.npy")
+_CHECKED_FILES = (*_ARRAYS, "report.json")  # meta.json records these (it cannot record itself)
+# The errors that mean "the storage is full", whichever limit was hit: space, quota, file size.
+_STORAGE_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _CHUNK = 1 << 20
+UNRECORDED = "meta.json records no file sizes and checksums (written before they were recorded)"
 _worker_lock_fd: int | None = None
 
 
@@ -101,6 +116,59 @@ def file_fingerprint(path: Path, previous: dict | None = None) -> dict:
                 sha.update(chunk)
         digest = sha.hexdigest()
     return {"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def storage_full(err: BaseException) -> str | None:
+    """The words for a full disk, quota or file-size limit behind ``err`` or its causes, else None.
+
+    numpy's ``tofile`` reports a short write as "N requested and M written" without an errno, so
+    the cache writes arrays through Python's file objects, which raise ``ENOSPC``/``EFBIG``.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _STORAGE_FULL:
+            return os.strerror(err.errno)
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return None
+
+
+def _crc32(chunks: Iterable[bytes | memoryview]) -> str:
+    value = 0
+    for chunk in chunks:
+        value = zlib.crc32(chunk, value)
+    return f"{value:08x}"
+
+
+def _write_checked(path: Path, chunks: Iterable[bytes | memoryview]) -> dict:
+    """Write ``chunks`` to ``path``; its ``{"size", "crc32"}`` as ``meta.json`` records it.
+
+    The checksum is taken from the bytes in memory while writing, so no file is read back.
+    """
+    value, size = 0, 0
+    with path.open("wb") as handle:
+        for chunk in chunks:
+            handle.write(chunk)
+            value = zlib.crc32(chunk, value)
+            size += len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
+    return {"size": size, "crc32": f"{value:08x}"}
+
+
+def _npy_chunks(array: np.ndarray) -> Iterator[bytes | memoryview]:
+    """The bytes of ``np.save(array)`` (format 1.0 header, C order) without a copy of the data."""
+    array = np.ascontiguousarray(array)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    yield header.getvalue()
+    flat = memoryview(array.reshape(-1).view(np.uint8))
+    for start in range(0, len(flat), 16 * _CHUNK):
+        yield flat[start : start + 16 * _CHUNK]
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := handle.read(16 * _CHUNK):
+            yield chunk
 
 
 def text_fingerprint(*parts: str) -> str:
@@ -154,6 +222,40 @@ class StudyCache:
         """Whether all four files of the study are there (a user may have deleted some)."""
         folder = self.study_dir(study_id)
         return all((folder / name).is_file() for name in STUDY_FILES)
+
+    def verify_study(self, study_id: str, checksums: bool = True) -> list[str]:
+        """What is wrong with a study's files (``[]``: intact), one short phrase per problem.
+
+        Sizes are compared with ``meta.json``'s ``files`` record (a stat: finds truncation);
+        ``checksums`` also re-reads each file for its CRC-32 (finds altered bytes).
+        """
+        folder = self.study_dir(study_id)
+        missing = [name for name in STUDY_FILES if not (folder / name).is_file()]
+        if missing:
+            return [f"missing {', '.join(missing)}"]
+        meta = self.read_meta(study_id)
+        if meta is None:
+            return ["meta.json is unreadable"]
+        record = meta.get("files")
+        if not isinstance(record, dict) or set(record) != set(_CHECKED_FILES):
+            return [UNRECORDED]
+        problems = []
+        for name in _CHECKED_FILES:
+            path, expected = folder / name, record[name]
+            size = path.stat().st_size
+            if size != expected.get("size"):
+                problems.append(f"{name} is {size} bytes, meta.json records {expected.get('size')}")
+            elif checksums:
+                try:
+                    found = _crc32(_file_chunks(path))
+                except OSError as err:
+                    problems.append(f"{name} cannot be read ({err.strerror or err})")
+                    continue
+                if found != expected.get("crc32"):
+                    problems.append(
+                        f"{name} has CRC-32 {found}, meta.json records {expected.get('crc32')}"
+                    )
+        return problems
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -363,25 +465,62 @@ class StudyCache:
 
     def write_study(
         self, study_id: str, image: np.ndarray, anatomy: np.ndarray, meta: dict, report: dict
-    ) -> None:
-        """Write the four files of a study and move the folder into place in one rename."""
+    ) -> dict:
+        """Write the four files of a study and move the folder into place in one rename.
+
+        Returns:
+            The ``meta`` as written: with ``files``, the size and CRC-32 of the other files.
+        """
         if image.dtype != np.float16 or anatomy.dtype != np.uint8:
             raise TypeError(
                 f"expected float16 image and uint8 anatomy, got {image.dtype}, {anatomy.dtype}"
             )
         if image.shape != anatomy.shape:
             raise ValueError(f"image {image.shape} and anatomy {anatomy.shape} shapes differ")
+
+        def arrays(staging: Path) -> dict:
+            return {
+                name: _write_checked(staging / name, _npy_chunks(array))
+                for name, array in zip(_ARRAYS, (image, anatomy), strict=True)
+            }
+
+        return self._write_folder(study_id, arrays, meta, report)
+
+    def rewrite_report(self, study_id: str, meta: dict, report: dict) -> dict:
+        """Replace a study's ``report.json`` (and ``meta``), keeping its arrays (hard-linked).
+
+        For a report decomposed again (an LLM fallback healed) without redoing the image. The
+        folder is swapped as in :meth:`write_study`; ``meta['files']`` must describe the arrays
+        (check them with :meth:`verify_study` first). Returns the ``meta`` as written.
+        """
+        source = self.study_dir(study_id)
+
+        def arrays(staging: Path) -> dict:
+            for name in _ARRAYS:
+                try:
+                    os.link(source / name, staging / name)
+                except OSError:  # a file system without hard links
+                    shutil.copyfile(source / name, staging / name)
+            return {name: meta["files"][name] for name in _ARRAYS}
+
+        return self._write_folder(study_id, arrays, meta, report)
+
+    def _write_folder(
+        self, study_id: str, arrays: Callable[[Path], dict], meta: dict, report: dict
+    ) -> dict:
+        target = self.study_dir(study_id)
         self.tmp.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f"{study_id}.", dir=self.tmp))
         try:
-            np.save(staging / "image.npy", np.ascontiguousarray(image))
-            np.save(staging / "anatomy.npy", np.ascontiguousarray(anatomy))
-            (staging / "report.json").write_bytes(_json_bytes(report))
-            (staging / "meta.json").write_bytes(_json_bytes(meta))
-            self._swap_in(staging, self.study_dir(study_id))
+            files = arrays(staging)
+            files["report.json"] = _write_checked(staging / "report.json", [_json_bytes(report)])
+            meta = meta | {"files": {name: files[name] for name in _CHECKED_FILES}}
+            _write_checked(staging / "meta.json", [_json_bytes(meta)])
+            self._swap_in(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        return meta
 
     def _swap_in(self, staging: Path, target: Path) -> None:
         self.studies.mkdir(parents=True, exist_ok=True)
@@ -389,11 +528,40 @@ class StudyCache:
             os.rename(staging, target)
             return
         # POSIX cannot rename a folder over a non-empty one: move the old one aside first. A kill
-        # between the two renames leaves the study absent (redone next run), never half-written.
+        # between the two renames leaves the study absent (redone next run), never half-written;
+        # a failed second rename puts the old folder back.
         old = self.tmp / f"{target.name}.old.{uuid.uuid4().hex}"
         os.rename(target, old)
-        os.rename(staging, target)
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
         shutil.rmtree(old, ignore_errors=True)
+
+    def record_files(self, study_id: str) -> dict | None:
+        """Record sizes and checksums for a study written before they were (``None``: damaged).
+
+        The files are taken as they are if they are whole: both arrays open with ``meta.json``'s
+        shape (a truncated array does not) and ``report.json`` parses. Returns the new meta.
+        """
+        meta = self.read_meta(study_id)
+        try:
+            self.open_arrays(study_id, meta)
+            self.study_report(study_id)
+        except CacheError:
+            return None
+        folder = self.study_dir(study_id)
+        files = {
+            name: {
+                "size": (folder / name).stat().st_size,
+                "crc32": _crc32(_file_chunks(folder / name)),
+            }
+            for name in _CHECKED_FILES
+        }
+        meta = (meta or {}) | {"files": files}
+        self.update_meta(study_id, meta)
+        return meta
 
     def update_meta(self, study_id: str, meta: dict) -> None:
         """Replace only ``meta.json`` of a study (atomic file rename), e.g. refreshed file stats."""
@@ -421,6 +589,41 @@ class StudyCache:
         target = self.manifest_path
         self.tmp.mkdir(parents=True, exist_ok=True)
         staging = self.tmp / f"manifest.{uuid.uuid4().hex}.csv"
-        staging.write_text(buffer.getvalue(), encoding="utf-8")
-        os.replace(staging, target)
+        try:
+            with staging.open("w", encoding="utf-8", newline="") as handle:
+                handle.write(buffer.getvalue())
+                handle.flush()
+                os.fsync(handle.fileno())  # on disk before it replaces the old one
+            os.replace(staging, target)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
         return target
+
+
+def verify_cache(cache: Path, checksums: bool = True) -> int:
+    """Check every study ``manifest.csv`` lists as ok against its ``meta.json`` record.
+
+    Prints one line per damaged study (truncated, altered or missing files) and a summary; a
+    damaged study is redone by the next ``fvlm preprocess`` run on the same manifest. Exit
+    status: 0 all intact, 1 some damaged, 2 no readable cache.
+
+    Args:
+        cache: The preprocessing cache folder.
+        checksums: Re-read every file for its CRC-32 (finds altered bytes); ``false`` compares
+            sizes only (finds truncation, reads nothing).
+    """
+    store = StudyCache(cache)
+    studies = store.ok_studies()
+    damaged = 0
+    for study_id in studies:
+        if problems := store.verify_study(study_id, checksums):
+            damaged += 1
+            print(f"damaged {study_id}: {'; '.join(problems)}")
+    how = "sizes and CRC-32" if checksums else "sizes"
+    print(
+        f"verify-cache: {len(studies)} ok studies in {store.root}, {how} checked: "
+        f"{len(studies) - damaged} intact, {damaged} damaged"
+        + ("; rerun `fvlm preprocess` to redo them" if damaged else "")
+    )
+    return 1 if damaged else 0

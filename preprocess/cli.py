@@ -26,9 +26,12 @@ def preprocess(config: PreprocessConfig) -> int:
 
     Output: ``<cache>/studies/<id>/{image.npy, anatomy.npy, meta.json, report.json}`` and
     ``<cache>/manifest.csv`` (every study, ok or failed with a reason). Rerunning skips studies
-    whose inputs and settings are unchanged. Exit codes: 0 all studies ok, 1 some studies failed
-    (the others are in the cache), 2 nothing was done (bad options, manifest, anatomy table,
-    missing TotalSegmentator weights, cache in use), 130 interrupted.
+    whose inputs and settings are unchanged and whose cache files are intact. Exit codes: 0 all
+    studies ok, 1 some studies failed (the others are in the cache), 2 nothing was done (bad
+    options, manifest, anatomy table, missing TotalSegmentator weights, cache in use), 3 stopped
+    early because the cache could not be written (disk full, quota, file-size limit; every
+    previous cache entry is kept), 4 with ``--fail_on_fallback``: the LLM decomposer fell back to
+    the keyword rules for some anatomies, 130 interrupted.
     """
     from .runner import run_preprocess  # heavy imports only once the options are valid
 

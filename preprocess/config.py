@@ -3,7 +3,8 @@
 One frozen dataclass: the command line (jsonargparse) is generated from it, so every option is
 documented in ``--help`` and a bad value is rejected before any study is read. Only the settings
 that change the cache's content enter :meth:`PreprocessConfig.fingerprint`; worker count and
-progress display do not, so changing them never invalidates a cache.
+progress display (and how a rerun verifies the cache, or whether fallbacks fail the run) do not, so
+changing them never invalidates a cache.
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ class PreprocessConfig:
             on a GPU each worker loads its own model: a few workers per GPU at most.
         progress: Show a progress bar on stderr.
         force: Redo every study even if its inputs and settings are unchanged.
+        verify: How a rerun checks an unchanged study's cache files before skipping it:
+            ``checksum`` re-reads them for their CRC-32 (finds altered bytes), ``size`` compares
+            sizes only (finds truncation, reads nothing). A damaged study is redone.
+        fail_on_fallback: Exit with status 4 when the LLM decomposer fell back to the keyword
+            rules for any anatomy (server unusable, timeouts, unparseable answers). Such studies
+            are asked again on every later run with the LLM configured, either way.
     """
 
     manifest: Path
@@ -91,6 +98,8 @@ class PreprocessConfig:
     workers: int = 2
     progress: bool = True
     force: bool = False
+    verify: Literal["checksum", "size"] = "checksum"
+    fail_on_fallback: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -113,6 +122,7 @@ class PreprocessConfig:
             "rescale": ("auto", "always", "never"),
             "decomposer": ("rules", "llm"),
             "geometry": ("auto", "header", "metadata"),
+            "verify": ("checksum", "size"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -7,8 +7,10 @@ header).
 
 A malformed row must cost only its own study, so rows are parsed one at a time and a bad row comes
 back as a :class:`ManifestRow` with ``error`` set (the runner lists it as failed) instead of an
-exception that would stop the run. Only problems that would fail every study - a missing file, a
-missing required column - raise :class:`ManifestError`.
+exception that would stop the run. A stray quote that makes one field swallow the rows after it
+fails the row it opens in, naming the lines it ran over, and a field longer than
+:data:`MAX_FIELD_CHARS` (no report is that long) fails its study by id. Only problems that would
+fail every study - a missing file, a missing required column - raise :class:`ManifestError`.
 
 Optional columns ``rescale_slope``/``rescale_intercept`` (or CT-RATE's ``RescaleSlope``/
 ``RescaleIntercept``) carry DICOM rescale metadata; see :mod:`fvlm.preprocess.rescale`.
@@ -27,14 +29,25 @@ from __future__ import annotations
 import csv
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .geometry import GeometryError, MetadataGeometry
 
-__all__ = ["REQUIRED_COLUMNS", "Manifest", "ManifestError", "ManifestRow", "read_manifest"]
+__all__ = [
+    "MAX_FIELD_CHARS",
+    "REQUIRED_COLUMNS",
+    "Manifest",
+    "ManifestError",
+    "ManifestRow",
+    "read_manifest",
+]
 
 REQUIRED_COLUMNS = ("study_id", "image", "findings", "impression")
+MAX_FIELD_CHARS = 1 << 17  # csv's own default limit; a field this long is no report
+_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".npz")
 _SLOPE = ("rescale_slope", "RescaleSlope")
 _INTERCEPT = ("rescale_intercept", "RescaleIntercept")
 _NPZ_SPACING = ("npz_spacing",)
@@ -148,6 +161,16 @@ def _row(line: int, header: list[str], fields: list[str], folder: Path) -> Manif
         )
     if any("\udc80" <= ch <= "\udcff" for value in fields for ch in value):
         return ManifestRow(line, label, error=f"line {line}: not valid UTF-8")
+    if long := [
+        (name, len(value)) for name, value in record.items() if len(value) > MAX_FIELD_CHARS
+    ]:
+        name, size = long[0]
+        return ManifestRow(
+            line,
+            label,
+            error=f"line {line}: column {name!r} of study {label!r} is {size:,} characters, more "
+            f"than {MAX_FIELD_CHARS:,}: no report is that long (a broken export?)",
+        )
     if not study_id:
         return ManifestRow(line, label, error=f"line {line}: empty study_id")
     if not _SAFE_ID.match(study_id) or study_id in (".", ".."):
@@ -182,6 +205,33 @@ def _row(line: int, header: list[str], fields: list[str], folder: Path) -> Manif
     )
 
 
+def _holds_rows(fields: list[str], header: list[str]) -> bool:
+    """Whether a multi-line field holds lines that look like manifest rows (a swallowed row)."""
+    columns = header.index("study_id"), header.index("image")
+    for value in fields:
+        for text in value.splitlines()[1:]:
+            cells = next(csv.reader([text]), [])
+            if len(cells) > max(columns):
+                study_id, image = (cells[c].strip() for c in columns)
+                if _SAFE_ID.match(study_id) and image.lower().endswith(_VOLUME_SUFFIXES):
+                    return True
+    return False
+
+
+def _stray_quote(line: int, end: int, fields: list[str], header: list[str]) -> str | None:
+    """The error for a row whose quoted field ran over later rows, else ``None``."""
+    if end <= line or (len(fields) == len(header) and not _holds_rows(fields, header)):
+        return None
+    count = (
+        "" if len(fields) == len(header) else f"; expected {len(header)} fields, got {len(fields)}"
+    )
+    return (
+        f"lines {line}-{end}: a quoted field opened on line {line} runs to line {end} and swallows "
+        f"the rows in between (a stray '\"'? quote the whole field and double quotes inside it)"
+        f"{count}"
+    )
+
+
 def read_manifest(path: str | Path) -> Manifest:
     """Parse a manifest CSV; bad rows come back with ``error`` set, duplicates included.
 
@@ -193,40 +243,53 @@ def read_manifest(path: str | Path) -> Manifest:
         handle = path.open(newline="", encoding="utf-8", errors="surrogateescape")
     except OSError as err:
         raise ManifestError(f"cannot read manifest {path}: {err.strerror or err}") from err
-    rows: list[ManifestRow] = []
-    seen: dict[str, int] = {}
-    with handle:
-        reader = csv.reader(handle)
-        try:
-            header = [name.strip().lstrip("\ufeff") for name in next(reader)]
-        except StopIteration:
-            raise ManifestError(f"manifest {path} is empty") from None
-        except csv.Error as err:
-            raise ManifestError(f"manifest {path}: unreadable header: {err}") from err
-        missing = [name for name in REQUIRED_COLUMNS if name not in header]
-        if missing:
-            raise ManifestError(
-                f"manifest {path} lacks required column(s) {', '.join(missing)} "
-                f"(has: {', '.join(header)})"
-            )
-        while True:
-            line = reader.line_num + 1  # where the next row starts (a quoted field may span lines)
+    limit = csv.field_size_limit(1 << 30)  # long fields are refused per study by _row, not here
+    try:
+        with handle:
+            reader = csv.reader(handle)
             try:
-                fields = next(reader)
+                header = [name.strip().lstrip("\ufeff") for name in next(reader)]
             except StopIteration:
-                break
+                raise ManifestError(f"manifest {path} is empty") from None
             except csv.Error as err:
-                rows.append(ManifestRow(line, f"<line {line}>", error=f"line {line}: {err}"))
-                continue
-            if not any(value.strip() for value in fields):
-                continue  # blank line
-            row = _row(line, header, fields, path.parent)
-            if row.error is None and row.study_id in seen:
-                row = ManifestRow(
-                    row.line,
-                    row.study_id,
-                    error=f"line {row.line}: duplicate study_id (first: line {seen[row.study_id]})",
+                raise ManifestError(f"manifest {path}: unreadable header: {err}") from err
+            missing = [name for name in REQUIRED_COLUMNS if name not in header]
+            if missing:
+                raise ManifestError(
+                    f"manifest {path} lacks required column(s) {', '.join(missing)} "
+                    f"(has: {', '.join(header)})"
                 )
-            seen.setdefault(row.study_id, row.line)
-            rows.append(row)
+            rows = list(_rows(reader, header, path.parent))
+    finally:
+        csv.field_size_limit(limit)
     return Manifest(path, tuple(header), rows)
+
+
+def _rows(reader: Any, header: list[str], folder: Path) -> Iterator[ManifestRow]:
+    """The rows after the header, one :class:`ManifestRow` each (blank lines skipped)."""
+    seen: dict[str, int] = {}
+    while True:
+        line = reader.line_num + 1  # where the next row starts (a quoted field may span lines)
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            yield ManifestRow(line, f"<line {line}>", error=f"line {line}: {err}")
+            continue
+        if not any(value.strip() for value in fields):
+            continue  # blank line
+        if error := _stray_quote(line, reader.line_num, fields, header):
+            study_id = fields[header.index("study_id")].strip() if fields else ""
+            yield ManifestRow(line, study_id or f"<line {line}>", error=error)
+            continue
+        row = _row(line, header, fields, folder)
+        if row.error is None and row.study_id in seen:
+            first = seen[row.study_id]
+            row = ManifestRow(
+                row.line,
+                row.study_id,
+                error=f"line {row.line}: duplicate study_id (first: line {first})",
+            )
+        seen.setdefault(row.study_id, row.line)
+        yield row

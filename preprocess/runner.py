@@ -6,10 +6,15 @@ or run here) and group it into the table's anatomies on the source grid, canonic
 anatomy map together, record which anatomies the field of view truncates (on the original grid),
 resample (trilinear / nearest) on one grid, window HU, decompose the report, write the study
 atomically through :class:`~fvlm.preprocess.cache.StudyCache`. A study is skipped when its
-input hashes and the settings' hash match its ``meta.json``.
+input hashes and the settings' hash match its ``meta.json`` and its cache files pass
+:meth:`~fvlm.preprocess.cache.StudyCache.verify_study`; with the LLM decomposer, a study whose
+report fell back to the rules for some anatomy is decomposed again (its arrays are kept).
 
-A failure costs only its study: it is listed as failed with a one-line reason naming the file, its
-stale output (if any) is removed, and the run goes on; the exit code is 1 if anything failed.
+A failure costs only its study: it is listed as failed with a one-line reason naming the file, and
+the run goes on. Its previous output is removed only when its inputs or settings changed (it would
+pass for current); a failed write, or a failed redo of an unchanged study, leaves the previous
+output and its ``manifest.csv`` row as they were. A full disk, quota or file-size limit stops the
+run early (no study after it could be written either). Exit codes: :data:`EXIT_CODES`.
 """
 
 from __future__ import annotations
@@ -35,7 +40,15 @@ from tqdm.auto import tqdm
 
 from fvlm.anatomy import AnatomyTable, load_anatomy_table
 
-from .cache import StudyCache, file_fingerprint, text_fingerprint
+from .cache import (
+    UNRECORDED,
+    CacheEntry,
+    CacheError,
+    StudyCache,
+    file_fingerprint,
+    storage_full,
+    text_fingerprint,
+)
 from .config import PreprocessConfig
 from .decomposition import Decomposer, Decomposition, build_decomposer
 from .manifest import Manifest, ManifestError, ManifestRow, read_manifest
@@ -50,10 +63,20 @@ from .segmentation import (
 from .truncation import truncated_faces
 from .volume import Volume, canonicalise, load_volume, resample, window_hu
 
-__all__ = ["RunSummary", "StudyProcessor", "StudyResult", "run_preprocess"]
+__all__ = ["EXIT_CODES", "RunSummary", "StudyProcessor", "StudyResult", "run_preprocess"]
 
 Status = Literal["ok", "failed", "skipped"]
 _REASON_CHARS = 400
+EXIT_FAILED, EXIT_STORAGE, EXIT_FALLBACK = 1, 3, 4
+EXIT_CODES = {
+    0: "every study ok",
+    EXIT_FAILED: "some studies failed (the others are in the cache)",
+    2: "nothing was done (bad options, manifest, anatomy table, TotalSegmentator, cache in use)",
+    EXIT_STORAGE: "stopped early: the cache could not be written (disk full, quota, file-size "
+    "limit) or manifest.csv not replaced; previous cache entries are kept",
+    EXIT_FALLBACK: "with fail_on_fallback: the LLM decomposer fell back to the rules somewhere",
+    130: "interrupted",
+}
 
 
 @dataclass
@@ -70,6 +93,9 @@ class StudyResult:
     sources: Counter = field(default_factory=Counter)
     warnings: list[str] = field(default_factory=list)
     anatomies: dict[str, bool] = field(default_factory=dict)  # present anatomy -> complete
+    fallback: int = 0  # anatomies the LLM decomposer left to the rules
+    storage_full: str | None = None  # the words for a full disk / quota / file-size limit
+    kept_previous: bool = False  # failed, but the previous output and manifest row stay
 
 
 def _one_line(text: str) -> str:
@@ -141,10 +167,12 @@ class StudyProcessor:
         """The cached ``meta.json`` if unchanged by file size and mtime alone (no reading)."""
         if self.config.force or row.error is not None or row.image is None:
             return None
+        if self.config.verify == "checksum":
+            return None  # re-reading the files is the workers' job, in parallel
         meta = self.cache.read_meta(row.study_id)
         if not meta or meta.get("config_hash") != self.config_hash:
             return None
-        if not self.cache.is_complete(row.study_id):
+        if self.cache.verify_study(row.study_id, checksums=False) or self._fell_back(row.study_id):
             return None
         before = meta.get("inputs") or {}
         try:
@@ -169,6 +197,32 @@ class StudyProcessor:
         ) == (row.geometry and row.geometry.to_json())
         return meta if same_report and same_rescale and same_geometry else None
 
+    def _current(self, study_id: str, previous: dict | None, inputs: dict) -> bool:
+        """Whether the cached study was made from these inputs and settings and is intact.
+
+        A study written before sizes and checksums were recorded gets them now, if it is whole.
+        """
+        if (
+            previous is None
+            or previous.get("config_hash") != self.config_hash
+            or self._content(previous.get("inputs") or {}) != self._content(inputs)
+        ):
+            return False
+        problems = self.cache.verify_study(study_id, self.config.verify == "checksum")
+        if problems == [UNRECORDED]:
+            return self.cache.record_files(study_id) is not None
+        return not problems
+
+    def _fell_back(self, study_id: str) -> bool:
+        """With the LLM configured: some anatomy of the cached report came from the rules."""
+        if self.config.decomposer != "llm":
+            return False
+        try:
+            entries = self.cache.study_report(study_id).get("anatomies") or {}
+        except CacheError:
+            return True
+        return any(e.get("decomposer_used") == "rules" for e in entries.values())
+
     # -- one study -------------------------------------------------------------------------------
 
     def process(self, row: ManifestRow) -> StudyResult:
@@ -176,6 +230,7 @@ class StudyProcessor:
         start = time.perf_counter()
         result = StudyResult(row.line, row.study_id, row.split, "ok")
         stage = "manifest"
+        previous, inputs = None, None
         try:
             if row.error is not None:
                 raise _StudyError(row.error)
@@ -186,37 +241,74 @@ class StudyProcessor:
             stage = f"inputs {self._relative(row.image)}"
             previous = self.cache.read_meta(row.study_id)
             inputs = self._inputs(row, previous)
-            if (
-                not self.config.force
-                and previous is not None
-                and previous.get("config_hash") == self.config_hash
-                and self._content(previous.get("inputs") or {}) == self._content(inputs)
-                and self.cache.is_complete(row.study_id)
-            ):
-                if previous.get("inputs") != inputs:  # same content, new stat: remember it
-                    self.cache.update_meta(row.study_id, previous | {"inputs": inputs})
-                result.status = "skipped"
-                result.anatomies = self.cache.anatomy_presence(previous)
+            stage = "cache"
+            if not self.config.force and self._current(row.study_id, previous, inputs):
+                self._keep(row, previous, inputs, result)
                 return result
+            stage = f"inputs {self._relative(row.image)}"
             image, anatomy, meta, report, decomposition = self._build(row, inputs, result)
             stage = "cache"
-            self.cache.write_study(row.study_id, image, anatomy, meta, report)
-            result.anatomies = self.cache.anatomy_presence(meta)
-            result.outcomes = Counter(decomposition.outcomes)
-            result.sources = Counter(d.source for d in decomposition.anatomies.values())
+            meta = self.cache.write_study(row.study_id, image, anatomy, meta, report)
+            self._record(result, meta, decomposition)
         except _StudyError as err:
             result.status, result.reason = "failed", _one_line(str(err))
         except Exception as err:  # one bad study must not stop the run
             result.status = "failed"
             result.reason = _one_line(f"{getattr(err, 'stage', stage)}: {_error_text(err)}")
+            result.storage_full = storage_full(err)
         finally:
             result.seconds = time.perf_counter() - start
         if result.status == "failed" and row.error is None:
-            try:  # its inputs changed and now fail: the old output must not pass for current
-                self.cache.remove_study(row.study_id)
-            except OSError as err:
-                result.reason = _one_line(f"{result.reason}; stale output not removed: {err}")
+            self._after_failure(row, result, stage, previous, inputs)
         return result
+
+    def _keep(self, row: ManifestRow, previous: dict, inputs: dict, result: StudyResult) -> None:
+        """An unchanged, intact study: skipped, or its report decomposed again (LLM fallback)."""
+        previous = self.cache.read_meta(row.study_id) or previous  # with ``files`` if just recorded
+        meta = previous | {"inputs": inputs}
+        if self._fell_back(row.study_id):
+            with _stage(f"report of {row.study_id}"):
+                decomposition = self.decomposer.decompose(row.findings, row.impression)
+            report = self._report(row, decomposition)
+            if report != self.cache.study_report(row.study_id):
+                meta = self.cache.rewrite_report(row.study_id, meta, report)
+                self._record(result, meta, decomposition)
+                return
+            result.fallback = len(decomposition.fallback)
+        if previous.get("inputs") != inputs:  # same content, new stat: remember it
+            self.cache.update_meta(row.study_id, meta)
+        result.status = "skipped"
+        result.anatomies = self.cache.anatomy_presence(meta)
+
+    def _record(self, result: StudyResult, meta: dict, decomposition: Decomposition) -> None:
+        result.anatomies = self.cache.anatomy_presence(meta)
+        result.outcomes = Counter(decomposition.outcomes)
+        result.sources = Counter(d.source for d in decomposition.anatomies.values())
+        result.fallback = len(decomposition.fallback)
+
+    def _after_failure(
+        self,
+        row: ManifestRow,
+        result: StudyResult,
+        stage: str,
+        previous: dict | None,
+        inputs: dict | None,
+    ) -> None:
+        """Keep the previous output unless the study's inputs or settings changed since."""
+        try:
+            if not self.cache.study_dir(row.study_id).exists():
+                return
+            if (
+                result.storage_full
+                or stage == "cache"
+                or (inputs is not None and self._current(row.study_id, previous, inputs))
+            ):
+                result.kept_previous = True
+                result.reason = _one_line(f"{result.reason}; its previous cache entry is kept")
+            else:  # its inputs changed and now fail: the old output must not pass for current
+                self.cache.remove_study(row.study_id)
+        except OSError as err:
+            result.reason = _one_line(f"{result.reason}; stale output not removed: {err}")
 
     def _build(
         self, row: ManifestRow, inputs: dict, result: StudyResult
@@ -266,17 +358,28 @@ class StudyProcessor:
             "config_hash": self.config_hash,
             "settings": self.settings,
         }
-        report = {
+        report = self._report(row, decomposition)
+        return image, anatomy.astype(np.uint8, copy=False), meta, report, decomposition
+
+    def _report(self, row: ManifestRow, decomposition: Decomposition) -> dict:
+        """``report.json``: sections and, per anatomy, text, normal, source and decomposer used."""
+        kind = self.config.decomposer
+        return {
             "study_id": row.study_id,
             "findings": row.findings,
             "impression": row.impression,
-            "decomposer": config.decomposer,
+            "decomposer": kind,
             "anatomies": {
-                name: {"text": d.text, "normal": bool(d.normal), "source": d.source}
+                name: {
+                    "text": d.text,
+                    "normal": bool(d.normal),
+                    "normal_source": d.normal_source,
+                    "source": d.source,
+                    "decomposer_used": "rules" if name in decomposition.fallback else kind,
+                }
                 for name, d in decomposition.anatomies.items()
             },
         }
-        return image, anatomy.astype(np.uint8, copy=False), meta, report, decomposition
 
     def _anatomy_map(self, row: ManifestRow, hu: Volume) -> tuple[np.ndarray, dict]:
         """Grouped anatomy ids on the source grid, and how they were obtained (for meta)."""
@@ -339,6 +442,9 @@ class RunSummary:
     results: list[StudyResult]
     seconds: float
     manifest_path: Path
+    stopped: str | None = None  # why the run stopped early (storage full, manifest not written)
+    not_reached: int = 0  # studies not attempted because the run stopped early
+    fail_on_fallback: bool = False
 
     @property
     def counts(self) -> dict[str, int]:
@@ -372,9 +478,18 @@ class RunSummary:
         return {name: (present, complete) for name, (present, complete) in counts.items()}
 
     @property
+    def fallback_studies(self) -> int:
+        """Studies with anatomies the LLM decomposer left to the rules (asked again next run)."""
+        return sum(r.fallback > 0 for r in self.results)
+
+    @property
     def exit_code(self) -> int:
-        """0 when nothing failed, else 1."""
-        return 1 if any(r.status == "failed" for r in self.results) else 0
+        """3 stopped early, else 1 if a study failed, else 4 for fallbacks if asked, else 0."""
+        if self.stopped:
+            return EXIT_STORAGE
+        if any(r.status == "failed" for r in self.results):
+            return EXIT_FAILED
+        return EXIT_FALLBACK if self.fail_on_fallback and self.fallback_studies else 0
 
     def format(self, max_failures: int = 20) -> str:
         """Human-readable end-of-run report."""
@@ -385,6 +500,13 @@ class RunSummary:
             f"{status['ok']} processed ok, {status['skipped']} skipped (unchanged), "
             f"{status['failed']} failed -> {self.manifest_path}"
         ]
+        if self.stopped:
+            lines.insert(0, f"preprocess: STOPPED EARLY: {self.stopped}")
+            if self.not_reached:
+                lines.append(
+                    f"  {self.not_reached} studies not reached: their cache entries and "
+                    "manifest rows are as the previous run left them"
+                )
         if processed:
             per_study = sum(r.seconds for r in processed) / len(processed)
             lines.append(
@@ -397,6 +519,13 @@ class RunSummary:
                 + _counts(self.sources)
                 + "; outcomes "
                 + _counts(self.outcomes)
+            )
+        if fell_back := [r for r in self.results if r.fallback]:
+            lines.append(
+                f"  LLM fallback: {len(fell_back)} studies have "
+                f"{sum(r.fallback for r in fell_back)} anatomy texts from the keyword rules (LLM "
+                "unusable or unparseable); the next run"
+                " with the LLM configured asks again"
             )
         if anatomies := self.anatomy_counts:
             usable = status["ok"] + status["skipped"]
@@ -458,24 +587,33 @@ def _context() -> mp.context.BaseContext:
 
 
 def _execute(
-    processor: StudyProcessor, rows: Sequence[ManifestRow], workers: int
+    processor: StudyProcessor, rows: Sequence[ManifestRow], workers: int, stop: threading.Event
 ) -> Iterator[StudyResult]:
-    """Results in completion order: in this process for one worker, else in a process pool."""
+    """Results in completion order: in this process for one worker, else in a process pool.
+
+    Once ``stop`` is set no further study starts; those in flight finish and are yielded.
+    """
     if workers <= 1 or len(rows) <= 1:
         for row in rows:
+            if stop.is_set():
+                return
             yield processor.process(row)
         return
     pending = deque(rows)
-    while pending:
-        suspects = deque((yield from _pool_pass(processor, pending, workers)))
+    while pending and not stop.is_set():
+        suspects = deque((yield from _pool_pass(processor, pending, workers, stop)))
         # A worker died (killed by the OS, e.g. out of memory, or a crash in native code): the
         # studies that were in flight are retried one at a time to find the one that kills it.
-        while suspects:
-            yield from _pool_pass(processor, suspects, 1, isolate=True)
+        while suspects and not stop.is_set():
+            yield from _pool_pass(processor, suspects, 1, stop, isolate=True)
 
 
 def _pool_pass(
-    processor: StudyProcessor, pending: deque, workers: int, isolate: bool = False
+    processor: StudyProcessor,
+    pending: deque,
+    workers: int,
+    stop: threading.Event,
+    isolate: bool = False,
 ) -> Generator[StudyResult, None, list[ManifestRow]]:
     """Run rows from ``pending`` until done or the pool breaks; return the rows in flight then.
 
@@ -491,8 +629,8 @@ def _pool_pass(
         initargs=(processor, os.getpid()),
     )
     try:
-        while pending or in_flight:
-            while pending and len(in_flight) < limit:
+        while in_flight or (pending and not stop.is_set()):
+            while pending and len(in_flight) < limit and not stop.is_set():
                 row = pending.popleft()
                 in_flight[pool.submit(_work, row)] = row
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
@@ -547,6 +685,7 @@ def run_preprocess(
     processor = StudyProcessor(config, table, decomposer)
     cache = processor.cache
     results: dict[int, StudyResult] = {}
+    stop, stopped = threading.Event(), None
     with cache.lock():
         todo = []
         for row in manifest.rows:
@@ -571,14 +710,64 @@ def run_preprocess(
             dynamic_ncols=True,
         )
         with bar:
-            for result in _execute(processor, todo, config.workers):
+            for result in _execute(processor, todo, config.workers, stop):
                 results[result.line] = result
                 bar.update(1)
                 if result.status == "failed" and config.progress:
                     bar.write(f"failed {result.study_id}: {result.reason}")
-        ordered = [results[row.line] for row in manifest.rows]
-        path = cache.write_manifest(
-            (r.study_id, r.split, "failed" if r.status == "failed" else "ok", r.reason)
-            for r in ordered
-        )
-    return RunSummary(ordered, time.perf_counter() - start, path)
+                if result.storage_full and not stop.is_set():
+                    stop.set()
+                    stopped = (
+                        f"the cache's storage is full ({result.storage_full}) while writing "
+                        f"study {result.study_id} to {cache.root}; no study after it was started "
+                        "and every previous cache entry is kept: free space (or raise the quota "
+                        "or file-size limit) and rerun"
+                    )
+        ordered = [results[row.line] for row in manifest.rows if row.line in results]
+        try:
+            path = cache.write_manifest(_manifest_rows(manifest, results, _previous_rows(cache)))
+        except OSError as err:
+            path = cache.manifest_path
+            why = storage_full(err) or err.strerror or str(err)
+            stopped = (stopped + "; " if stopped else "") + (
+                f"{path} could not be replaced ({why}): it still lists what the previous run "
+                "left, which is still in the cache"
+            )
+    return RunSummary(
+        ordered,
+        time.perf_counter() - start,
+        path,
+        stopped=stopped,
+        not_reached=len(manifest.rows) - len(ordered),
+        fail_on_fallback=config.fail_on_fallback,
+    )
+
+
+def _previous_rows(cache: StudyCache) -> dict[str, CacheEntry]:
+    """The rows of the cache's current ``manifest.csv`` by study id (none if unreadable)."""
+    try:
+        return {entry.study_id: entry for entry in cache.read_manifest()}
+    except (OSError, CacheError):
+        return {}
+
+
+def _manifest_rows(
+    manifest: Manifest, results: dict[int, StudyResult], previous: dict[str, CacheEntry]
+) -> list[tuple[str, str, str, str]]:
+    """The rows of the new ``manifest.csv``.
+
+    A failed attempt that kept its output, or a study the run did not reach, keeps its previous row.
+    """
+    rows = []
+    for row in manifest.rows:
+        result = results.get(row.line)
+        if result is None or result.kept_previous:
+            if (entry := previous.get(row.study_id)) is not None:
+                rows.append(tuple(entry))
+                continue
+            if result is None:
+                continue
+        assert result is not None
+        status = "failed" if result.status == "failed" else "ok"
+        rows.append((result.study_id, result.split, status, result.reason))
+    return rows

@@ -33,6 +33,7 @@ __all__ = [
     "UndecidableVersion",
     "anatomy_stats",
     "check_totalsegmentator",
+    "class_counts",
     "detect_totalseg_version",
     "load_mask",
     "mask_class_names",
@@ -190,6 +191,24 @@ def mask_class_names(path: str | Path) -> dict[int, str] | None:
 _LABEL_ENTRY = re.compile(r'<Label Key="(\d+)"[^>]*><!\[CDATA\[([^\]]*)\]\]></Label>')
 
 
+_COUNT_CHUNK = 1 << 22
+
+
+def class_counts(labels: np.ndarray) -> np.ndarray:
+    """Voxels per class id, without the full-size copies a plain ``np.bincount`` makes.
+
+    ``ravel(order="K")`` views a Fortran-ordered map (nibabel's) instead of copying it, and
+    counting in chunks bounds ``bincount``'s int64 cast to a few MiB (a 512 x 512 x 300 map would
+    otherwise cost 600 MiB twice).
+    """
+    flat = np.asarray(labels).ravel(order="K")
+    counts = np.zeros(int(flat.max(initial=0)) + 1, dtype=np.int64)
+    for start in range(0, flat.size, _COUNT_CHUNK):
+        chunk = np.bincount(flat[start : start + _COUNT_CHUNK])
+        counts[: len(chunk)] += chunk
+    return counts
+
+
 def detect_totalseg_version(
     labels: np.ndarray, option: VersionOption = "auto", path: str | Path | None = None
 ) -> tuple[Literal["v1", "v2"], str]:
@@ -224,7 +243,7 @@ def detect_totalseg_version(
             f"{where}the class names in the mask header match neither TotalSegmentator v1 nor "
             "v2; set totalseg_version"
         )
-    counts = np.bincount(np.asarray(labels).ravel())
+    counts = class_counts(labels)
     present = {int(i) for i in np.flatnonzero(counts)} - {0}
     top = max(present, default=0)
     if top > _V1_MAX_ID:

@@ -19,16 +19,18 @@ from fvlm.lit_modules import FineGrainedCLIPModule
 from fvlm.models import VisionConfig
 
 VISION = VisionConfig.vit_tiny(img_size=(8, 16, 16), patch_size=(8, 16, 16), hidden_size=16)
-TEXT = {
-    "vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-    "intermediate_size": 32, "max_position_embeddings": 128,
-}  # fmt: skip
 
 
-def tiny_checkpoint(path: Path, num_anatomies: int) -> Path:
-    """A chest-table checkpoint after one optimisation step (weights are not the point here)."""
+def tiny_checkpoint(path: Path, num_anatomies: int, text_config: dict) -> Path:
+    """A checkpoint after one optimisation step (weights are not the point here).
+
+    Args:
+        path: Where to write the ``.ckpt``.
+        num_anatomies: Length of the anatomy table the evaluation uses.
+        text_config: The text tower, the suite's ``tiny_bert()`` (conftest).
+    """
     module = FineGrainedCLIPModule(
-        num_anatomies=num_anatomies, vision=VISION, text_config=TEXT, embed_dim=8
+        num_anatomies=num_anatomies, vision=VISION, text_config=text_config, embed_dim=8
     )
     b, a = 2, num_anatomies
     anatomy = torch.zeros(b, 8, 16, 16, dtype=torch.uint8)

@@ -12,11 +12,15 @@ this body like real ones:
   bladder;
 * ``chest_abdomen_pelvis``: both.
 
-An anatomy that crosses the top or bottom of the scan is clipped and flagged truncated; one wholly
-outside is absent. Arms are raised (humerus absent), as in most chest and abdomen protocols.
+An anatomy that crosses the top or bottom of the scan is clipped and flagged truncated, unless that
+face is one of its ``open_ends`` (the aorta leaving a chest scan: its in-scan part is complete, as
+preprocessing records it); one wholly outside is absent. Arms are raised (humerus absent), as in
+most chest and abdomen protocols.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -74,13 +78,19 @@ def _uniform(rng: np.random.Generator, bounds: tuple[float, float], n: int) -> n
 
 
 def sample_scans(
-    geometry: str, names: list[str], n: int, seed: int = 0
+    geometry: str,
+    names: list[str],
+    n: int,
+    seed: int = 0,
+    open_ends: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``n`` scans of ``geometry``: ``(boxes_mm (n, A, 3, 2), fov_mm (n, 3), truncated (n, A))``.
 
     Boxes are measured from the scan's first voxel corner along (inferior->superior,
     posterior->anterior, left->right), NaN for an absent anatomy, as
-    :meth:`fvlm.crop_validity.StudyBoxes.from_mm` expects.
+    :meth:`fvlm.crop_validity.StudyBoxes.from_mm` expects. ``open_ends`` maps an anatomy to the
+    faces (``inferior``, ``superior``) where a cut leaves it complete (an anatomy table's
+    ``open_ends``; default: none).
     """
     if geometry not in _GEOMETRIES:
         raise ValueError(f"geometry must be one of {_GEOMETRIES}, got {geometry!r}")
@@ -131,7 +141,13 @@ def sample_scans(
     length = top - low
     extent = np.stack([length, fov, fov], axis=1)[:, None, :]
     absent = ((hi <= 0) | (lo >= extent)).any(axis=-1)
-    truncated = ~absent & ((lo < 0) | (hi > extent)).any(axis=-1)
+    open_low, open_high = (
+        np.array([face in (open_ends or {}).get(name, ()) for name in names])
+        for face in ("inferior", "superior")
+    )
+    cut = (lo < 0) | (hi > extent)
+    cut[..., 0] = ((lo[..., 0] < 0) & ~open_low) | ((hi[..., 0] > length[:, None]) & ~open_high)
+    truncated = ~absent & cut.any(axis=-1)
     lo, hi = np.clip(lo, 0, extent), np.clip(hi, 0, extent)
     lo[absent], hi[absent] = np.nan, np.nan
     return np.stack([lo, hi], axis=-1), extent[:, 0, :], truncated

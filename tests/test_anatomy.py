@@ -16,15 +16,14 @@ from fvlm.anatomy import (
 )
 
 
-def test_paper_preset_is_tab6_as_printed():
-    table = load_anatomy_table("paper")
-    assert len(table) == 35  # the printed Tab. 6 (the text says 36)
-    assert table.ids == list(range(1, 36))
-    assert table["small_bowel"].totalseg_v1 == ("small_bowel", "duodenum")
-    assert {"jejunum", "ileum", "duodenum"} <= set(table["small_bowel"].keywords)
-    assert table["heart"].totalseg_v2 == ("heart", "atrial_appendage_left")
-    assert "kidney_cyst_left" in table["kidney"].totalseg_v2
-    assert "vertebrae_S1" in table["sacrum"].totalseg_v2
+def test_paper_preset_is_tab6_as_printed(paper_table: AnatomyTable):
+    assert len(paper_table) == 35  # the printed Tab. 6 (the text says 36)
+    assert paper_table.ids == list(range(1, 36))
+    assert paper_table["small_bowel"].totalseg_v1 == ("small_bowel", "duodenum")
+    assert {"jejunum", "ileum", "duodenum"} <= set(paper_table["small_bowel"].keywords)
+    assert paper_table["heart"].totalseg_v2 == ("heart", "atrial_appendage_left")
+    assert "kidney_cyst_left" in paper_table["kidney"].totalseg_v2
+    assert "vertebrae_S1" in paper_table["sacrum"].totalseg_v2
 
 
 def test_paper_preset_has_the_54_diseases(paper_table: AnatomyTable):

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import builtins
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from test_lit_modules import fit, kwargs, make_batch
+from test_lit_modules import fit, make_batch, tiny_module_args
 
 from fvlm.checkpoint import NETWORK_KEY, load_network
 from fvlm.lit_modules import CoTeachingModule, FineGrainedCLIPModule, GlobalCLIPModule
 
 
-def trained_checkpoint(module_class: type, path: Path, **extra: object) -> torch.nn.Module:
+def trained_checkpoint(
+    module_class: type, path: Path, text_config: dict, **extra: object
+) -> torch.nn.Module:
     torch.manual_seed(0)
-    module = module_class(**kwargs(**extra))
+    module = module_class(**tiny_module_args(text_config, **extra))
     trainer = fit(module, epochs=1, n=2)
     trainer.save_checkpoint(path)
     return module
@@ -30,10 +33,10 @@ def trained_checkpoint(module_class: type, path: Path, **extra: object) -> torch
     ],
 )
 def test_load_network_rebuilds_the_trained_network(
-    tmp_path: Path, module_class: type, kind: str, extra: dict
+    tmp_path: Path, module_class: type, kind: str, extra: dict, tiny_bert: Callable[..., dict]
 ) -> None:
     path = tmp_path / "model.ckpt"
-    module = trained_checkpoint(module_class, path, **extra)
+    module = trained_checkpoint(module_class, path, tiny_bert(), **extra)
     loaded = load_network(path)
     assert loaded.kind == kind and not loaded.network.training
     assert loaded.hparams["text_model"] == "minilm" and loaded.hparams["embed_dim"] == 8
@@ -60,9 +63,11 @@ class _Payload:
         return builtins.exec, (f"open({str(self.target)!r}, 'w').write('pwned')",)
 
 
-def test_a_checkpoint_with_a_pickle_payload_is_refused(tmp_path: Path) -> None:
+def test_a_checkpoint_with_a_pickle_payload_is_refused(
+    tmp_path: Path, tiny_bert: Callable[..., dict]
+) -> None:
     path = tmp_path / "model.ckpt"
-    trained_checkpoint(FineGrainedCLIPModule, path)
+    trained_checkpoint(FineGrainedCLIPModule, path, tiny_bert())
     checkpoint = torch.load(path, weights_only=True)
     target = tmp_path / "written_by_the_payload.txt"
     checkpoint["hyper_parameters"]["extra"] = _Payload(target)
@@ -75,9 +80,11 @@ def test_a_checkpoint_with_a_pickle_payload_is_refused(tmp_path: Path) -> None:
     assert target.read_text() == "pwned"
 
 
-def test_unknown_network_kinds_and_modules_are_refused(tmp_path: Path) -> None:
+def test_unknown_network_kinds_and_modules_are_refused(
+    tmp_path: Path, tiny_bert: Callable[..., dict]
+) -> None:
     path = tmp_path / "model.ckpt"
-    trained_checkpoint(FineGrainedCLIPModule, path)
+    trained_checkpoint(FineGrainedCLIPModule, path, tiny_bert())
     checkpoint = torch.load(path, weights_only=True)
     checkpoint[NETWORK_KEY] = {"kind": "os.system"}
     torch.save(checkpoint, path)

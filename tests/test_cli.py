@@ -113,7 +113,7 @@ def test_lightning_subcommands_help(capsys, command):
     assert "--data.cache_dir" in text and "--model" in text and "--config" in text
 
 
-def test_evaluate_from_a_config_file(capsys, tmp_path, paper_table):
+def test_evaluate_from_a_config_file(capsys, tmp_path, paper_table, tiny_bert):
     text = run_help(capsys, "evaluate")
     for option in ("--ckpt", "--name", "--cache", "--labels", "--threshold", "--bootstrap"):
         assert option in text
@@ -125,7 +125,7 @@ def test_evaluate_from_a_config_file(capsys, tmp_path, paper_table):
                      "--workers", "1"]) == 0  # fmt: skip
     capsys.readouterr()
     assert pre["anatomy_table"] == "paper"
-    ckpt = tiny_checkpoint(tmp_path / "tiny.ckpt", len(paper_table))
+    ckpt = tiny_checkpoint(tmp_path / "tiny.ckpt", len(paper_table), tiny_bert())
     config = write_yaml(tmp_path / "eval.yaml", {
         "ckpt": [str(ckpt), str(ckpt)], "name": ["A", "B"], "cache": str(tmp_path / "cache"),
         "labels": str(data / "labels.csv"), "benchmark": "phantom", "out": str(tmp_path / "out"),
@@ -138,7 +138,8 @@ def test_evaluate_from_a_config_file(capsys, tmp_path, paper_table):
     phantom_keys = {d.key for d in paper_table.diseases("phantom")}
     assert set(a.index) == phantom_keys | {"macro"}
     pd.testing.assert_frame_equal(a, b)  # same checkpoint, same numbers
-    assert (a.loc[sorted(phantom_keys), "n_pos"] + a.loc[sorted(phantom_keys), "n_neg"] == 4).all()
+    counted = a.loc[sorted(phantom_keys)]
+    assert (counted["n_pos"] + counted["n_neg"] + counted["not_evaluable"] == 4).all()
     assert "macro" in (tmp_path / "out" / "comparison.txt").read_text()
     bad = write_yaml(tmp_path / "bad.yaml", {**yaml.safe_load(config.read_text()), "name": ["A"]})
     assert cli.main(["evaluate", "--config", str(bad)]) == 2

@@ -270,11 +270,7 @@ def test_ctrate_manifest_missing_files_no_chest_reconstructions(ctrate_root: Pat
 
 
 def test_ctrate_like_from_the_real_phantom(tmp_path: Path) -> None:
-    phantom = pytest.importorskip("fvlm.phantom")
-    generate = getattr(phantom, "generate_phantom", None)
-    if generate is None:
-        pytest.skip("fvlm.phantom.generate_phantom is not available yet")
-    generate(tmp_path / "phantom", n_studies=4, seed=0, shape=(24, 32, 32), progress=False)
+    generate_phantom(tmp_path / "phantom", n_studies=4, seed=0, shape=(24, 32, 32), progress=False)
     mapping = write_ctrate_like(tmp_path / "phantom", tmp_path / "ctrate", splits={})
     assert mapping["split"].tolist() == ["valid"] * 4
     manifest, labels = ctrate_manifest(tmp_path / "ctrate", "valid")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +21,8 @@ from fvlm.crop import center_crop_start, crop_array
 from fvlm.data_modules import BATCH_KEYS, CachedStudyDataset, CTReportDataModule, collate_studies
 from fvlm.models.text import load_tokenizer
 from fvlm.preprocess.cache import CacheError, StudyCache
+from fvlm.preprocess.config import PreprocessConfig
+from fvlm.preprocess.runner import run_preprocess
 
 CROP = (8, 12, 16)
 
@@ -391,6 +395,56 @@ def test_truncated_anatomy_is_never_valid(tmp_path: Path, table_path: Path) -> N
     assert all(whole[i]["valid"].all() for i in range(len(whole)))
 
 
+def _long_liver_cache(root: Path, table: AnatomyTable, n: int = 4) -> Path:
+    """``n`` train studies whose abnormal liver spans 20 x 8 x 12 voxels (100 x 8 x 12 mm)."""
+    rng = np.random.default_rng(7)
+    cache = StudyCache(root)
+    for i in range(n):
+        study_id = f"long_{i}"
+        texts = {"liver": "Large liver lesion.", "spleen": "Spleen is normal."}
+        write_study(root, study_id, table, (24, 16, 20), rng, texts, {"liver"})
+        meta = cache.study_meta(study_id)
+        meta["anatomies"]["liver"]["bbox"] = [[2, 22], [4, 12], [4, 16]]
+        cache.update_meta(study_id, meta)
+    cache.write_manifest((f"long_{i}", "train", "ok", "") for i in range(n))
+    return root
+
+
+def test_fit_setup_checks_the_crop(
+    tmp_path: Path, table_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An abnormal organ the crop never holds whole: a warning with the numbers; strict fails."""
+    table = load_anatomy_table(table_path)
+    root = _long_liver_cache(tmp_path, table)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    rank_zero.addHandler(caplog.handler)  # Lightning's logger does not propagate to the root
+    try:
+        with caplog.at_level(logging.INFO), pytest.warns(UserWarning) as caught:
+            make_dm(root, table_path).setup("fit")
+    finally:
+        rank_zero.removeHandler(caplog.handler)
+    messages = [str(w.message) for w in caught if "crop check" in str(w.message)]
+    assert messages == [
+        "crop check: anatomy 'liver' carries diseases but is valid in only 0.0 % of the "
+        "anatomy-aware crops of 8 x 12 x 16 voxels (40 x 12 x 16 mm) where it is complete "
+        "(under 20 %); a crop of at least 20 x 8 x 12 voxels (100 x 8 x 12 mm) holds it in 95 % "
+        "of the studies"
+    ]
+    table_text = caplog.text
+    assert f"crop validity of {root} split 'train' (4 studies)" in table_text
+    liver = next(line for line in table_text.splitlines() if line.startswith("liver *"))
+    assert liver.split()[2:6] == ["100.0", "100.0", "0.0", "100.0"]
+    with pytest.raises(ValueError, match="'liver'.*20 x 8 x 12 voxels"):
+        make_dm(root, table_path, crop_check="strict").setup("fit")
+    # A crop holding the liver passes strict; ``off`` skips the check (no warning either way).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_dm(root, table_path, crop_size=(24, 16, 20), crop_check="strict").setup("fit")
+        make_dm(root, table_path, crop_check="off").setup("fit")
+    with pytest.raises(ValueError, match="crop_check"):
+        make_dm(root, table_path, crop_check="loud")
+
+
 def test_cache_contract_reads_what_the_writer_wrote(cache: Path, table_path: Path) -> None:
     table = load_anatomy_table(table_path)
     contract = StudyCache(cache)
@@ -459,8 +513,6 @@ def totalseg_example() -> Path:
 
 def test_real_ct_through_preprocessing_cache(tmp_path: Path) -> None:
     """A real scan + its TotalSegmentator map, preprocessed by fvlm.preprocess, then loaded."""
-    runner = pytest.importorskip("fvlm.preprocess.runner")
-    config_module = pytest.importorskip("fvlm.preprocess.config")
     example = totalseg_example()
     rows = [
         ("ct_a", "train", "The liver shows a hypodense cyst.", "Hepatic cyst."),
@@ -473,10 +525,10 @@ def test_real_ct_through_preprocessing_cache(tmp_path: Path) -> None:
         for study_id, split, findings, impression in rows:
             ct, seg = example / "example_ct_sm.nii.gz", example / "example_seg.nii.gz"
             writer.writerow([study_id, ct, seg, findings, impression, split])
-    config = config_module.PreprocessConfig(
+    config = PreprocessConfig(
         manifest=tmp_path / "manifest.csv", cache=tmp_path / "cache", workers=1, progress=False
     )
-    runner.run_preprocess(config)
+    run_preprocess(config)
 
     crop = (16, 128, 128)
     dm = CTReportDataModule(
@@ -501,3 +553,26 @@ def test_real_ct_through_preprocessing_cache(tmp_path: Path) -> None:
     assert by_id == {"ct_a": False, "ct_b": True}
     val = next(iter(dm.val_dataloader()))
     assert val["study_id"] == ["ct_c"]
+
+
+def test_batch_of_one_is_refused_with_the_reason(cache: Path, table_path: Path) -> None:
+    with pytest.raises(ValueError, match="no negatives"):
+        make_dm(cache, table_path, batch_size=1)
+    assert make_dm(cache, table_path, batch_size=2, eval_batch_size=1).eval_batch_size == 1
+
+
+def test_skip_unreadable_reaches_the_datasets(tmp_path: Path, table_path: Path) -> None:
+    cache = write_cache(tmp_path / "cache", load_anatomy_table(table_path))
+    (cache / "studies" / "train_00" / "image.npy").write_bytes(b"\x93NUMPY")  # truncated
+    strict = make_dm(cache, table_path, skip_unreadable=False)
+    strict.setup("fit")
+    with pytest.raises(CacheError, match="train_00"):
+        [strict.datasets["train"][i] for i in range(len(strict.datasets["train"]))]
+    lenient = make_dm(cache, table_path, skip_unreadable=True)
+    lenient.setup("fit")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        ids = [
+            lenient.datasets["train"][i]["study_id"] for i in range(len(lenient.datasets["train"]))
+        ]
+    assert "train_00" not in ids and len(ids) == len(lenient.datasets["train"])

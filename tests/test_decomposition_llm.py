@@ -386,3 +386,103 @@ def test_empty_section_sends_nothing(table):
         result = LLMDecomposer(table, config(server.base_url)).decompose(FINDINGS, "   ")
     assert len(server.requests) == 4 + 3  # findings mentions + liver, spleen, small bowel
     assert all(d.normal for d in result.anatomies.values())
+
+
+# -- outcomes that heal: fallbacks recorded, bad servers bounded -------------------------------
+
+
+@pytest.mark.parametrize(
+    "url", ["file:///etc/passwd", "ftp://example.org/v1", "localhost:8000/v1", "http:///v1"]
+)
+def test_base_url_other_than_http_is_refused(url):
+    with pytest.raises(ValueError, match="http:// or https:// URL"):
+        LLMConfig(base_url=url)
+    assert LLMConfig(base_url="https://llm.example.org/v1").base_url.startswith("https")
+
+
+def test_fallbacks_are_listed_per_anatomy(table):
+    with StubOpenAIServer(oracle) as server:
+        good = LLMDecomposer(table, config(server.base_url)).decompose(FINDINGS, IMPRESSION)
+    assert good.fallback == frozenset()
+    down = LLMDecomposer(table, config(closed_port_url())).decompose(FINDINGS, IMPRESSION)
+    # kidney falls back too although the rules find nothing: the LLM was never asked
+    assert down.fallback == frozenset(table.names)
+
+
+def test_timeouts_open_the_circuit_breaker(table):
+    def hung(request: Request) -> Reply:
+        return Reply("Yes", delay_s=3.0)
+
+    with StubOpenAIServer(hung) as server:
+        decomposer = LLMDecomposer(
+            table, config(server.base_url, timeout_s=0.2, max_attempts=1, max_concurrency=1)
+        )
+        result = decomposer.decompose(FINDINGS, IMPRESSION)
+    # Three prompts in a row time out, then the other five fall back without waiting.
+    assert len(server.requests) == 3
+    assert result.outcomes["error_timeout"] == 3 and result.outcomes["skipped_server_down"] == 5
+    assert result.outcomes["fallback_rules"] == 8
+
+
+def test_persistent_rate_limit_opens_the_breaker_for_retry_after(table):
+    def limited(request: Request) -> Reply:
+        return Reply(status=429, headers=(("Retry-After", "0.3"),))
+
+    with StubOpenAIServer(limited) as server:
+        decomposer = LLMDecomposer(
+            table, config(server.base_url, max_attempts=2, max_concurrency=1, down_retry_s=0)
+        )
+        result = decomposer.decompose(FINDINGS, IMPRESSION)
+        first, second = server.requests[:2]
+        assert second.retry_count == 1 and second.received - first.received >= 0.28
+        # The breaker stays open for the server's Retry-After (0.3 s > down_retry_s = 0) ...
+        assert result.outcomes["error_http_429"] == 1 and len(server.requests) == 2
+        time.sleep(0.35)
+        # ... and then the server is asked again.
+        decomposer.decompose(FINDINGS, IMPRESSION)
+        assert len(server.requests) == 4
+
+
+def test_oversized_answers_are_refused_and_not_cached(table, tmp_path):
+    def verbose(request: Request) -> Reply:
+        reply = oracle(request)
+        if "(liver) is mentioned" in request.prompt:
+            return Reply(reply.content + " " + "x" * 5000)
+        return reply
+
+    with StubOpenAIServer(verbose) as server:
+        small = config(server.base_url, max_tokens=64, cache_dir=tmp_path)  # 1024 characters
+        result = LLMDecomposer(table, small).decompose(FINDINGS, IMPRESSION)
+    assert small.max_answer_chars == 1024
+    assert result.outcomes["oversized"] == 6 and result.outcomes["fallback_rules"] == 2
+    assert result.fallback == {"liver"}
+    assert result.anatomies["liver"] == AnatomyDescription(
+        "The liver is enlarged. Enlarged liver.", False, "rules"
+    )
+    assert all(p.stat().st_size < 1024 for p in tmp_path.rglob("*.json"))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"choices": [',
+        "[]",
+        "null",
+        '{"choices": []}',
+        '{"choices": [{"message": {"content": 5}}]}',
+        '{"choices": [{"message": null}]}',
+    ],
+)
+def test_malformed_completion_falls_back_like_an_unparseable_answer(table, body):
+    def broken_liver(request: Request) -> Reply:
+        if "(liver) is mentioned" in request.prompt:
+            return Reply(raw_body=body)
+        return oracle(request)
+
+    with StubOpenAIServer(broken_liver) as server:
+        result = LLMDecomposer(table, config(server.base_url)).decompose(FINDINGS, IMPRESSION)
+    assert result.anatomies["liver"].source == "rules" and result.fallback == {"liver"}
+    assert result.outcomes["unparseable"] == 6
+    assert {k: v for k, v in result.anatomies.items() if k != "liver"} == {
+        k: v for k, v in EXPECTED.items() if k != "liver"
+    }

@@ -20,13 +20,15 @@ def test_reduced_demo_fvlm_beats_clip(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the demo configs write runs/demo/... relative to the cwd
     data, cache = tmp_path / "phantom", tmp_path / "cache"
     fvlm_main(["phantom", "--out_dir", str(data), "--n_studies", "160", "--seed", "1",
-               "--splits", "[0.6, 0.1, 0.3]", "--progress", "false"])  # fmt: skip
+               "--splits", "[0.6, 0.1, 0.3]", "--geometry", "chest_abdomen_pelvis",
+               "--spacing", "[8, 5, 5]", "--progress", "false"])  # fmt: skip
     fvlm_main(["preprocess", "--config", str(ROOT / "configs/preprocess/phantom.yaml"),
                "--manifest", str(data / "manifest.csv"), "--cache", str(cache)])  # fmt: skip
-    for config in ("demo.yaml", "demo_clip.yaml"):
-        fvlm_main(["fit", "--config", str(ROOT / "configs" / config), "--data.cache_dir",
-                   str(cache), "--trainer.max_epochs", "12", "--trainer.enable_progress_bar",
-                   "false"])  # fmt: skip
+    demo = ["--config", str(ROOT / "configs/demo.yaml")]
+    for overlay in ([], ["--config", str(ROOT / "configs/demo_clip.yaml")]):
+        fvlm_main(["fit", *demo, *overlay, "--data.cache_dir", str(cache), "--data.labels",
+                   str(data / "labels.csv"), "--trainer.max_epochs", "12",
+                   "--trainer.enable_progress_bar", "false"])  # fmt: skip
     fvlm_main(["evaluate", "--cache", str(cache), "--labels", str(data / "labels.csv"),
                "--benchmark", "phantom", "--out", "eval",
                "--ckpt+", "runs/demo/fvlm/checkpoints/last.ckpt", "--name+", "fVLM",

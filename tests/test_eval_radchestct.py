@@ -32,7 +32,7 @@ from fvlm.phantom import generate_phantom
 from fvlm.preprocess.manifest import read_manifest
 from fvlm.preprocess.volume import NPZ_AXCODES, load_npz, load_volume
 
-SPACING = 9.0  # isotropic, as the release (0.8 mm there)
+SPACING = 10.0  # isotropic, as the release (0.8 mm there)
 NOT_EVALUABLE = {"lung/mosaic_attenuation", "heart/coronary_calcification"}
 CORRUPT, MASK_ONLY = "tst00099", "tst00098"
 PHANTOM_CHEST = {  # the phantom's diseases with a CT-RATE label and a Rad-ChestCT column
@@ -92,14 +92,14 @@ def write_radchestct_like(phantom: Path, root: Path) -> pd.DataFrame:
     return pd.DataFrame(written).set_index("study_id")
 
 
-def test_eval_radchestct_scores_the_mapped_labels(tmp_path, capsys, monkeypatch):
+def test_eval_radchestct_scores_the_mapped_labels(tmp_path, capsys, monkeypatch, tiny_bert):
     phantom = tmp_path / "phantom"
-    generate_phantom(phantom, n_studies=8, seed=2, shape=(32, 32, 32), spacing=(SPACING,) * 3,
+    generate_phantom(phantom, n_studies=8, seed=2, geometry="chest", spacing=(SPACING,) * 3,
                      splits=(0.0, 0.0, 1.0), progress=False)  # fmt: skip
     root = tmp_path / "radchestct"
     truth = write_radchestct_like(phantom, root)
     table = load_anatomy_table("chest")
-    ckpt = tiny_checkpoint(tmp_path / "chest.ckpt", len(table))
+    ckpt = tiny_checkpoint(tmp_path / "chest.ckpt", len(table), tiny_bert())
     cache, out = tmp_path / "cache", tmp_path / "eval"
     merges = []  # the tiny model may score aorta above coronary everywhere: record the rule too
 
@@ -111,8 +111,8 @@ def test_eval_radchestct_scores_the_mapped_labels(tmp_path, capsys, monkeypatch)
     code = fvlm_main([
         "eval-radchestct", "--root", str(root), "--ckpt", str(ckpt), "--name", "fVLM",
         "--cache", str(cache), "--preprocess_config",
-        str(chest_preprocess_config(tmp_path / "chest_small.yaml")), "--workers", "1",
-        "--out", str(out),
+        str(chest_preprocess_config(tmp_path / "chest_small.yaml", (SPACING,) * 3)),
+        "--workers", "1", "--out", str(out),
     ])  # fmt: skip
     assert code in (None, 0)
     printed = capsys.readouterr().out
@@ -133,7 +133,7 @@ def test_eval_radchestct_scores_the_mapped_labels(tmp_path, capsys, monkeypatch)
         assert meta["orientation"]["source_spacing"] == [SPACING] * 3
         assert meta["inputs"]["npz_spacing"] == SPACING
         assert meta["rescale"]["applied"] is False and meta["table"] == "chest"
-        assert meta["shape"] == [24, 32, 32]
+        assert meta["spacing"] == [SPACING] * 3 and min(meta["shape"]) > 16  # > the crop
 
     # All 18 labels are in the outputs; the 16 mapped ones count exactly the written labels, the
     # two without a Rad-ChestCT column have no positives or negatives and are listed as such.

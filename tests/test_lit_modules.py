@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -14,11 +15,6 @@ from fvlm.lit_modules.schedule import warmup_cosine
 from fvlm.loss import fncn_targets, similarity_probabilities
 from fvlm.models import VisionConfig
 
-TINY_TEXT = {
-    "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-    "intermediate_size": 32, "max_position_embeddings": 32, "hidden_dropout_prob": 0.0,
-    "attention_probs_dropout_prob": 0.0,
-}  # fmt: skip
 VISION = VisionConfig.vit_tiny(img_size=(8, 16, 16), patch_size=(4, 8, 8), hidden_size=16)
 A = 3
 
@@ -72,13 +68,25 @@ def fit(module, epochs: int = 1, n: int = 4, **trainer_args) -> Trainer:
     return trainer
 
 
-def kwargs(**extra) -> dict:
-    return {"num_anatomies": A, "vision": VISION, "text_config": TINY_TEXT, "embed_dim": 8, **extra}
+def tiny_module_args(text_config: dict, **extra: object) -> dict:
+    """Keyword arguments of a tiny module (``A`` anatomies, width 8); ``extra`` adds or replaces."""
+    return {
+        "num_anatomies": A,
+        "vision": VISION,
+        "text_config": text_config,
+        "embed_dim": 8,
+    } | extra
 
 
-def test_co_teaching_alternates_and_uses_the_partner(monkeypatch):
+@pytest.fixture
+def module_args(tiny_bert: Callable[..., dict]) -> Callable[..., dict]:
+    """:func:`tiny_module_args` with the suite's tiny BERT (conftest ``tiny_bert``)."""
+    return lambda **extra: tiny_module_args(tiny_bert(), **extra)
+
+
+def test_co_teaching_alternates_and_uses_the_partner(monkeypatch, module_args):
     torch.manual_seed(0)
-    module = CoTeachingModule(**kwargs(burn_in_epochs=1, alpha=0.5))
+    module = CoTeachingModule(**module_args(burn_in_epochs=1, alpha=0.5))
     before = [[p.detach().clone() for p in net.parameters()] for net in module.networks]
     # Distinct initialisations (different seeds).
     assert not torch.equal(before[0][0], before[1][0])
@@ -100,11 +108,11 @@ def test_co_teaching_alternates_and_uses_the_partner(monkeypatch):
     assert calls == [(0, False)]
 
 
-def test_co_teaching_soft_targets_come_from_the_other_network(monkeypatch):
+def test_co_teaching_soft_targets_come_from_the_other_network(monkeypatch, module_args):
     """The targets equal alpha * y + (1 - alpha) * p computed from the PARTNER's embeddings."""
     torch.manual_seed(0)
     alpha = 0.3
-    module = CoTeachingModule(**kwargs(burn_in_epochs=0, alpha=alpha))
+    module = CoTeachingModule(**module_args(burn_in_epochs=0, alpha=alpha))
     seen = {}
     original = module.contrastive_loss
 
@@ -144,10 +152,10 @@ def test_co_teaching_soft_targets_come_from_the_other_network(monkeypatch):
 
 
 @pytest.mark.parametrize("correction", ["none", "self", "momentum"])
-def test_label_corrections_train_and_loss_falls(correction):
+def test_label_corrections_train_and_loss_falls(correction, module_args):
     torch.manual_seed(0)
     module = FineGrainedCLIPModule(
-        **kwargs(label_correction=correction, burn_in_epochs=1, momentum=0.5)
+        **module_args(label_correction=correction, burn_in_epochs=1, momentum=0.5)
     )
     batch = make_batch(0)
     with torch.no_grad():
@@ -162,9 +170,9 @@ def test_label_corrections_train_and_loss_falls(correction):
         assert not torch.equal(live, ema) and not ema.requires_grad
 
 
-def test_global_clip_module_trains():
+def test_global_clip_module_trains(module_args):
     torch.manual_seed(0)
-    module = GlobalCLIPModule(**kwargs())
+    module = GlobalCLIPModule(**module_args())
     out = module(make_batch(0))
     assert out.image_emb.shape == (4, 1, 8)
     fit(module, epochs=1, n=2)
@@ -206,10 +214,10 @@ def test_warmup_cosine_equals_the_closed_form(total, warmup):
         sched.step()
 
 
-def test_momentum_network_is_an_exponential_moving_average():
+def test_momentum_network_is_an_exponential_moving_average(module_args):
     """After k steps the EMA holds m * ema + (1 - m) * live of the previous one (first: a copy)."""
     torch.manual_seed(0)
-    module = FineGrainedCLIPModule(**kwargs(label_correction="momentum", momentum=0.5))
+    module = FineGrainedCLIPModule(**module_args(label_correction="momentum", momentum=0.5))
     ema = module.momentum_network
     history = []
     original = module.on_train_batch_end

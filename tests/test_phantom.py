@@ -25,6 +25,7 @@ from fvlm.phantom.geometries import ScanGeometry, cut_by_field_of_view
 from fvlm.phantom.reports import NORMAL_IMPRESSIONS, KeywordIndex, write_report
 from fvlm.phantom.storage import Storage
 from fvlm.phantom.volume import nominal_span
+from fvlm.preprocess.decomposition.rules import RuleDecomposer, split_sentences
 
 SMALL = {"shape": (24, 32, 40), "spacing": (13.0, 10.0, 10.0)}
 TABLE = load_anatomy_table("paper")
@@ -387,14 +388,13 @@ def test_reports_vary_and_use_sub_structures() -> None:
 
 
 def test_rule_decomposition_recovers_the_labels(dataset: Path) -> None:
-    rules = pytest.importorskip("fvlm.preprocess.decomposition.rules")
-    decomposer = rules.RuleDecomposer(TABLE)
+    decomposer = RuleDecomposer(TABLE)
     manifest = _read_csv(dataset / "manifest.csv")
     labels = {row["study_id"]: row for row in _read_csv(dataset / "labels.csv")}
     for row in manifest:
         diseased = {k.split("/")[0] for k in PHANTOM_KEYS if labels[row["study_id"]][k] == "1"}
         assert set(decomposer.extract(row["impression"])) == diseased
-        for sentence in rules.split_sentences(row["findings"]):
+        for sentence in split_sentences(row["findings"]):
             assert len(decomposer.matcher.anatomies(sentence)) <= 1, sentence
 
 

@@ -12,6 +12,7 @@ import csv
 import filecmp
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,10 +24,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 from nibabel import orientations
+from openai_stub_server import Reply, StubOpenAIServer
 
 from fvlm.anatomy import load_anatomy_table, totalsegmentator_classes
+from fvlm.phantom import generate_phantom
+from fvlm.preprocess.cache import StudyCache
 from fvlm.preprocess.cli import main
-from fvlm.preprocess.config import PreprocessConfig
+from fvlm.preprocess.config import LLMConfig, PreprocessConfig
 from fvlm.preprocess.decomposition import Decomposition, RuleDecomposer
 from fvlm.preprocess.runner import run_preprocess
 
@@ -139,12 +143,11 @@ def dataset(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("data"), 6)
 
 
-def test_end_to_end_cache_content(dataset, tmp_path):
+def test_end_to_end_cache_content(dataset, tmp_path, paper_table):
     cache = tmp_path / "cache"
     summary = run_preprocess(_config(dataset, cache))
     assert summary.counts == {"ok": 6, "skipped": 0, "failed": 0}, summary.format()
     assert summary.exit_code == 0
-    table = load_anatomy_table("paper")
     rows = _cache_rows(cache)
     assert list(rows) == [f"s{i:03d}" for i in range(6)]
     assert {r["status"] for r in rows.values()} == {"ok"}
@@ -162,9 +165,9 @@ def test_end_to_end_cache_content(dataset, tmp_path):
         assert meta["spacing"] == list(SPACING)
         assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
         assert meta["table"] == "paper" and meta["orientation"]["canonical_axcodes"] == "SAR"
-        assert set(np.unique(anatomy)) <= {0, *table.ids}
+        assert set(np.unique(anatomy)) <= {0, *paper_table.ids}
         for name, stats in meta["anatomies"].items():
-            where = np.argwhere(np.asarray(anatomy) == table[name].id)
+            where = np.argwhere(np.asarray(anatomy) == paper_table[name].id)
             assert stats["voxels"] == len(where)
             if len(where):
                 assert stats["bbox"] == [
@@ -358,7 +361,7 @@ def test_decomposer_failure_and_outcome_counts(tmp_path):
     assert failed.study_id == "poison" and "cannot parse this report" in failed.reason
     assert summary.outcomes["fake"] == 2
     assert summary.sources == Counter({"default": 2 * 32, "rules": 2 * 3})
-    assert "outcomes default 64, fake 2, rules" in summary.format()
+    assert "outcomes default 64, fake 2, " in summary.format()  # the rules' own counts follow
 
 
 def test_bad_manifest_and_options_fail_before_any_study(tmp_path, capsys):
@@ -396,9 +399,8 @@ def test_config_file_and_help(tmp_path, capsys):
 
 
 def test_phantom_end_to_end(tmp_path, capsys):
-    phantom = pytest.importorskip("fvlm.phantom")
     folder = tmp_path / "phantom"
-    manifest = phantom.generate_phantom(
+    manifest = generate_phantom(
         folder, n_studies=8, seed=1, shape=(24, 32, 32), spacing=(8.0, 5.0, 5.0), progress=False
     )
     cache = tmp_path / "cache"
@@ -482,25 +484,22 @@ def test_manifest_rows_are_parsed_one_by_one(tmp_path):
     assert manifest.rows[-1].error == "line 9: not valid UTF-8"
 
 
+def _oracle(request) -> Reply:
+    """A correct model: Yes when the label is in the section; its sentences when asked."""
+    prompt = request.prompt
+    section = prompt.split("\n\nYou are a professional radiologist")[0].lower()
+    label = re.search(r"anatomy \(([^)]+)\)", prompt).group(1)
+    if "is mentioned in this CT image report" in prompt:
+        return Reply("Yes" if label.lower() in section else "No")
+    found = [s for s in re.split(r"(?<=\.)\s+", section) if label.lower() in s]
+    return Reply(f"**{label}**: {' '.join(found) or section}")  # asked: it is mentioned
+
+
 def test_llm_decomposer_in_worker_processes(tmp_path, monkeypatch):
     # The paper's LLM decomposition through the parallel runner: the decomposer is pickled into
     # spawned workers, talks to an OpenAI-protocol stub on 127.0.0.1, and its answer cache (by
     # default inside the preprocessing cache) makes a forced rerun ask nothing again.
-    import re
-
-    from openai_stub_server import Reply, StubOpenAIServer
-
-    from fvlm.preprocess.config import LLMConfig
-
-    def oracle(request) -> Reply:
-        prompt = request.prompt
-        section = prompt.split("\n\nYou are a professional radiologist")[0].lower()
-        label = re.search(r"anatomy \(([^)]+)\)", prompt).group(1)
-        if "is mentioned in this CT image report" in prompt:
-            return Reply("Yes" if label.lower() in section else "No")
-        found = [s for s in re.split(r"(?<=\.)\s+", section) if label.lower() in s]
-        return Reply(f"**{label}**: {' '.join(found) or section}")  # asked: it is mentioned
-
+    oracle = _oracle
     monkeypatch.setenv("FVLM_TEST_LLM_KEY", "sk-test")
     manifest = write_dataset(tmp_path / "data", 3)
     cache = tmp_path / "cache"
@@ -522,6 +521,74 @@ def test_llm_decomposer_in_worker_processes(tmp_path, monkeypatch):
     assert report["anatomies"]["liver"]["normal"] is False  # "Hepatic cyst." (string matching)
     assert any((cache / "llm_answers").rglob("*.json"))
     assert _cache_rows(cache)["s000"]["status"] == "ok"
+
+
+def test_llm_fallbacks_are_recorded_visible_and_healed_on_the_next_run(tmp_path):
+    manifest = write_dataset(tmp_path / "data", 2)
+    cache = tmp_path / "cache"
+    server_ok = False
+
+    def flaky(request) -> Reply:  # a mistyped model at first (404), then a working server
+        return _oracle(request) if server_ok else Reply(status=404)
+
+    with StubOpenAIServer(flaky) as server:
+        llm = LLMConfig(base_url=server.base_url, model="stub", timeout_s=5.0, max_concurrency=4)
+        config = _config(manifest, cache, decomposer="llm", llm=llm, fail_on_fallback=True)
+        down = run_preprocess(config)
+        assert down.counts["ok"] == 2 and down.fallback_studies == 2
+        assert down.exit_code == 4  # every study is ok, but the LLM was never used
+        assert "LLM fallback: 2 studies have 70 anatomy texts from the keyword rules" in (
+            down.format()
+        )
+        report = json.loads((cache / "studies" / "s000" / "report.json").read_text())
+        assert {e["decomposer_used"] for e in report["anatomies"].values()} == {"rules"}
+        assert report["anatomies"]["liver"]["source"] == "rules"
+        image = cache / "studies" / "s000" / "image.npy"
+        inode, before = image.stat().st_ino, image.read_bytes()
+
+        server_ok = True
+        healed = run_preprocess(config)
+        assert healed.counts == {"ok": 2, "skipped": 0, "failed": 0}, healed.format()
+        assert healed.fallback_studies == 0 and healed.exit_code == 0
+        report = json.loads((cache / "studies" / "s000" / "report.json").read_text())
+        assert {e["decomposer_used"] for e in report["anatomies"].values()} == {"llm"}
+        assert report["anatomies"]["liver"]["source"] == "llm"
+        # the report was decomposed again; the arrays were kept, not recomputed or copied
+        assert image.stat().st_ino == inode and image.read_bytes() == before
+        assert StudyCache(cache).verify_study("s000") == []
+
+        asked = len(server.requests)
+        assert run_preprocess(config).counts["skipped"] == 2 and len(server.requests) == asked
+
+
+def test_stray_quote_and_huge_report_fail_their_own_rows(tmp_path):
+    from fvlm.preprocess.manifest import read_manifest
+
+    limit = csv.field_size_limit()
+    huge = "Liver normal. " * 180_000  # 2.5 MB
+    text = (
+        "study_id,image,findings,impression\n"
+        'a,a.nii.gz,"Liver cyst 2 cm.,Cyst.\n'  # a stray quote opens a field ...
+        'b,b.nii.gz,"Normal.",Normal.\n'  # ... closed in the next row: 4 fields, b swallowed
+        'c,c.nii.gz,"Spleen, 1 cm.\n'  # unclosed to the end of the file
+        "d,d.nii.gz,Normal.,Normal.\n"
+    )
+    path = tmp_path / "m.csv"
+    path.write_text(text)
+    a, c = read_manifest(path).rows
+    assert a.study_id == "a" and a.error.startswith("lines 2-3: a quoted field opened on line 2")
+    assert "stray" in a.error
+    assert c.study_id == "c" and c.error.startswith("lines 4-5:")
+    assert "expected 4 fields, got 3" in c.error
+    path.write_text(f"study_id,image,findings,impression\ne,e.nii.gz,{huge},Fine.\n")
+    (e,) = read_manifest(path).rows
+    assert e.study_id == "e"
+    assert "column 'findings' of study 'e' is 2,520,000 characters" in e.error
+    assert csv.field_size_limit() == limit  # the reader's limit is restored
+    # a quoted multi-line report is still one good row
+    path.write_text('study_id,image,findings,impression\nf,f.nii.gz,"Liver, 2 cm.\nSpleen.",x\n')
+    (f,) = read_manifest(path).rows
+    assert f.error is None and f.findings == "Liver, 2 cm.\nSpleen."
 
 
 # -- field-of-view truncation ----------------------------------------------------------------------
@@ -571,14 +638,11 @@ def _write_studies(folder: Path, studies: dict) -> Path:
     return manifest
 
 
-def test_field_of_view_truncation_in_meta_and_summary(tmp_path):
-    from fvlm.preprocess.cache import StudyCache
-
+def test_field_of_view_truncation_in_meta_and_summary(tmp_path, paper_table):
     studies = {"whole": (*_study_arrays(1), "RAS")}  # liver top 2 slices (6 mm) below the face
     studies |= {f"cut_{ax}": (*_cut_at_top(1), ax) for ax in ("RAS", "LPS", "PIR")}
     studies["near"] = (*_study_arrays(0), "LPS")  # liver top 1 slice (3 mm) below the face
     manifest = _write_studies(tmp_path, studies)
-    table = load_anatomy_table("paper")
 
     def liver(cache: Path, study: str) -> dict:
         return StudyCache(cache).study_meta(study)["anatomies"]["liver"]
@@ -593,8 +657,8 @@ def test_field_of_view_truncation_in_meta_and_summary(tmp_path):
     assert liver(tmp_path / "c3", "whole")["truncated"] is False
     meta = StudyCache(tmp_path / "c3").study_meta("cut_LPS")
     assert meta["settings"]["truncation_margin_mm"] == 3.0
-    truncated = StudyCache.truncated(meta, table, "cut_LPS")
-    assert [table.names[i] for i in np.flatnonzero(truncated)] == ["liver"]
+    truncated = StudyCache.truncated(meta, paper_table, "cut_LPS")
+    assert [paper_table.names[i] for i in np.flatnonzero(truncated)] == ["liver"]
     # per anatomy: present in all 5 studies, complete in 1 (whole); spleen complete everywhere
     assert summary.anatomy_counts["liver"] == (5, 1)
     assert summary.anatomy_counts["spleen"] == (5, 5)
@@ -616,22 +680,21 @@ def test_field_of_view_truncation_in_meta_and_summary(tmp_path):
         _config(manifest, tmp_path / "c", truncation_margin_mm=-1.0)
 
 
-def test_open_ends_do_not_make_an_anatomy_incomplete():
+def test_open_ends_do_not_make_an_anatomy_incomplete(paper_table):
     """The aorta leaving the scan at its last slice is complete; the liver or a side face is not."""
     from fvlm.preprocess.runner import _with_truncation
 
-    table = load_anatomy_table("paper")
-    assert table["aorta"].open_ends == ("inferior", "superior")
-    assert table["liver"].open_ends == ()
-    stats = {name: {"id": table[name].id} for name in ("aorta", "liver", "esophagus")}
+    assert paper_table["aorta"].open_ends == ("inferior", "superior")
+    assert paper_table["liver"].open_ends == ()
+    stats = {name: {"id": paper_table[name].id} for name in ("aorta", "liver", "esophagus")}
     cut = {
-        table["aorta"].id: ["inferior", "superior"],
-        table["liver"].id: ["superior"],
-        table["esophagus"].id: ["superior", "left"],  # cut in-plane too: truncated
+        paper_table["aorta"].id: ["inferior", "superior"],
+        paper_table["liver"].id: ["superior"],
+        paper_table["esophagus"].id: ["superior", "left"],  # cut in-plane too: truncated
     }
-    out = _with_truncation(stats, cut, table)
+    out = _with_truncation(stats, cut, paper_table)
     assert out["aorta"] == {
-        "id": table["aorta"].id,
+        "id": paper_table["aorta"].id,
         "truncated": False,
         "truncated_faces": ["inferior", "superior"],
     }

@@ -217,3 +217,23 @@ def test_undecidable_maps_are_errors_naming_the_file(tmp_path):
     with pytest.raises(UndecidableVersion, match="contradict each other"):
         detect_totalseg_version(mixed)
     assert detect_totalseg_version(bare, "v1") == ("v1", "set by config")
+
+
+def test_class_counts_match_bincount_in_any_memory_order(monkeypatch):
+    from fvlm.preprocess import segmentation
+
+    monkeypatch.setattr(segmentation, "_COUNT_CHUNK", 7)  # many chunks, a ragged last one
+    rng = np.random.default_rng(0)
+    labels = np.asfortranarray(rng.integers(0, 118, size=(9, 8, 5)).astype(np.uint8))
+    expected = np.bincount(labels.ravel())
+    assert np.array_equal(segmentation.class_counts(labels), expected)
+    assert np.array_equal(segmentation.class_counts(np.ascontiguousarray(labels)), expected)
+    assert segmentation.class_counts(np.zeros((2, 2, 2), np.uint8)).tolist() == [8]
+
+
+def test_grouping_an_unsigned_map_equals_the_int64_path(paper_table):
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 118, size=(6, 7, 8)).astype(np.uint8)
+    grouped = paper_table.group(labels, "v2")
+    assert np.array_equal(grouped, paper_table.lookup("v2")[labels.astype(np.int64)])
+    assert grouped.dtype == np.uint8

@@ -1,7 +1,7 @@
 """Preprocessing on a real CT and its real TotalSegmentator v2 map (TotalSegmentator's test case).
 
-The files live outside the repository (``../shared/data/totalseg-example/``, or the folder named by
-``FVLM_TOTALSEG_EXAMPLE``); without them every test here is skipped with that reason.
+The two files are not part of the repository: ``FVLM_TOTALSEG_EXAMPLE`` names their folder; without
+them every test here is skipped with that reason.
 """
 
 from __future__ import annotations
@@ -76,37 +76,35 @@ def test_grouping_covers_exactly_the_source_classes(labels, preset):
             assert (grouped == table[name].id).any(), name
 
 
-def test_canonical_axes_and_hu_of_the_real_scan(ct, labels):
+def test_canonical_axes_and_hu_of_the_real_scan(ct, labels, paper_table):
     canonical, record = canonicalise(ct.volume)
     assert canonical.axcodes == ("S", "A", "R")
     assert canonical.data.shape == (30, 101, 122) and record["source_axcodes"] == "RAS"
-    table = load_anatomy_table("paper")
-    anatomy, _ = canonicalise(Volume(table.group(labels, "v2"), ct.volume.affine))
+    anatomy, _ = canonicalise(Volume(paper_table.group(labels, "v2"), ct.volume.affine))
     # anatomy in the expected places: the liver on the patient's right (high axis 2) of the
     # spleen, the lungs above (high axis 0) the kidneys, the vertebrae behind (low axis 1) the
     # liver
     centre = {
-        name: np.argwhere(anatomy.data == table[name].id).mean(axis=0)
+        name: np.argwhere(anatomy.data == paper_table[name].id).mean(axis=0)
         for name in ("liver", "spleen", "lung", "kidney", "lumbar_vertebrae")
     }
     assert centre["liver"][2] > centre["spleen"][2] + 20
     assert centre["lung"][0] > centre["kidney"][0] + 5
     assert centre["lumbar_vertebrae"][1] < centre["liver"][1] - 5
-    liver_hu = canonical.data[anatomy.data == table["liver"].id].mean()
+    liver_hu = canonical.data[anatomy.data == paper_table["liver"].id].mean()
     assert 0 < liver_hu < 200  # soft tissue
-    lung_hu = canonical.data[anatomy.data == table["lung"].id].mean()
+    lung_hu = canonical.data[anatomy.data == paper_table["lung"].id].mean()
     assert -1000 < lung_hu < -500  # aerated lung
 
 
 @pytest.mark.parametrize("spacing", [(5.0, 1.0, 1.0), (1.5, 0.75, 0.75)], ids=["paper", "ctclip"])
-def test_anatomy_volumes_survive_resampling(ct, labels, spacing):
-    table = load_anatomy_table("paper")
-    canonical, _ = canonicalise(Volume(table.group(labels, "v2"), ct.volume.affine))
+def test_anatomy_volumes_survive_resampling(ct, labels, spacing, paper_table):
+    canonical, _ = canonicalise(Volume(paper_table.group(labels, "v2"), ct.volume.affine))
     resampled = resample(canonical, spacing, "nearest")
     assert resampled.spacing == pytest.approx(spacing)
     source_voxel, target_voxel = float(np.prod(ct.volume.spacing)), float(np.prod(spacing))
     checked = []
-    for anatomy in table.anatomies:
+    for anatomy in paper_table.anatomies:
         before = (canonical.data == anatomy.id).sum() * source_voxel
         if before < MIN_VOLUME_MM3:
             continue
@@ -116,7 +114,7 @@ def test_anatomy_volumes_survive_resampling(ct, labels, spacing):
     assert len(checked) >= 15
 
 
-def test_version_detection_without_the_v2_only_ids(labels, ct):
+def test_version_detection_without_the_v2_only_ids(labels, ct, paper_table):
     # A v1 map of the same scan (ids renumbered by class name) must read as v1, and the v2 map cut
     # to ids <= 104 must not be mistaken for v1.
     v1 = {name: cid for cid, name in totalsegmentator_classes("v1").items()}
@@ -133,10 +131,9 @@ def test_version_detection_without_the_v2_only_ids(labels, ct):
     assert version == "v2" and "lung lobes: 1571 vs 0 voxels" in why
     # grouping the v1 map with the v1 classes gives the same anatomy map as v2 for the classes
     # both versions share (the paper table maps both)
-    table = load_anatomy_table("paper")
     shared = np.isin(labels, [cid for cid, name in v2.items() if name in v1])
     np.testing.assert_array_equal(
-        table.group(as_v1, "v1")[shared], table.group(labels, "v2")[shared]
+        paper_table.group(as_v1, "v1")[shared], paper_table.group(labels, "v2")[shared]
     )
 
 

@@ -3,8 +3,9 @@
 The CLI runs ``fit`` for each LightningModule from a YAML file, as a user would; the resume test
 compares an interrupted run with an uninterrupted one step by step; the learning test checks that
 a short fit takes the contrastive loss clearly below chance level. Towers are tiny (a 1-layer ViT
-and a 1-layer BERT with the MiniLM tokenizer's vocabulary) and torch runs on one thread: on a
-shared 2-core machine two intra-op threads make these millisecond-sized steps 10-50x slower.
+and the suite's 1-layer BERT, ``tiny_bert``, with the MiniLM tokenizer's vocabulary) and torch
+runs on one thread: on a shared 2-core machine two intra-op threads make these millisecond-sized
+steps 10-50x slower.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from cache_factory import DEFAULT_ANATOMIES, write_cache
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from fvlm.anatomy import load_anatomy_table
+from fvlm.anatomy import AnatomyTable
 from fvlm.cli import main as fvlm_main
 from fvlm.data_modules import CachedStudyDataset, CTReportDataModule, collate_studies
 from fvlm.data_modules.study_dataset import read_cache_manifest
@@ -35,6 +36,8 @@ from fvlm.evaluation import evaluate_scores, zero_shot_scores
 from fvlm.lit_modules import FineGrainedCLIPModule
 from fvlm.lit_modules.cli import run_cli
 from fvlm.models import VisionConfig, load_tokenizer
+
+TinyBert = Callable[..., dict]  # conftest's tiny_bert factory
 
 SHAPE = (12, 24, 24)  # cache volumes
 CROP = (8, 24, 24)  # random anatomy-aware crops: about 3 of the 5 anatomies stay whole
@@ -46,6 +49,10 @@ def vision(crop: Sequence[int]) -> dict:
         "img_size": list(crop), "patch_size": list(PATCH), "hidden_size": 16, "mlp_dim": 32,
         "num_layers": 1, "num_heads": 2,
     }  # fmt: skip
+
+
+def _unsized(config: dict) -> dict:
+    return {key: value for key, value in config.items() if key != "img_size"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,16 +73,6 @@ def one_thread_and_clean_seed_env() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_cache(tmp_path_factory.mktemp("cache") / "cache", n_train=12, n_val=2, shape=SHAPE)
-
-
-@pytest.fixture(scope="module")
-def tiny_text() -> dict:
-    """A 1-layer BERT whose embedding covers every id of the MiniLM tokenizer the data uses."""
-    return {
-        "vocab_size": len(load_tokenizer("minilm")), "hidden_size": 16, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 128,
-        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-    }  # fmt: skip
 
 
 class LossRecorder(Callback):
@@ -105,7 +102,8 @@ def write_config(
         },
         "model": {
             "class_path": f"fvlm.lit_modules.{model}",
-            "init_args": {"vision": vision(CROP), "text_config": text, "embed_dim": 16}
+            # no img_size: the CLI links it from data.crop_size
+            "init_args": {"vision": _unsized(vision(CROP)), "text_config": text, "embed_dim": 16}
             | init_args,
         },
         "data": {
@@ -133,13 +131,13 @@ def write_config(
 def test_cli_fit_fast_dev_run(
     cache: Path,
     tmp_path: Path,
-    tiny_text: dict,
+    tiny_bert: TinyBert,
     model: str,
     init_args: dict,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(sys, "argv", ["fvlm"])  # LightningCLI warns when pytest's argv is set
-    config = write_config(tmp_path, cache, tiny_text, model, **init_args)
+    config = write_config(tmp_path, cache, tiny_bert(), model, **init_args)
     cli = run_cli(["fit", "--config", str(config), "--trainer.fast_dev_run=2"])
     assert type(cli.model).__name__ == model
     assert cli.model.hparams.num_anatomies == 35  # linked from the data module's table
@@ -149,11 +147,11 @@ def test_cli_fit_fast_dev_run(
 
 
 def test_cli_reads_the_hu_window_from_the_cache(
-    cache: Path, tmp_path: Path, tiny_text: dict, monkeypatch: pytest.MonkeyPatch
+    cache: Path, tmp_path: Path, tiny_bert: TinyBert, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``vision.source_hu_window`` is linked from the cache (windowed over [-300, 400] HU)."""
     monkeypatch.setattr(sys, "argv", ["fvlm"])
-    config = write_config(tmp_path, cache, tiny_text, "FineGrainedCLIPModule")
+    config = write_config(tmp_path, cache, tiny_bert(), "FineGrainedCLIPModule")
     windows = ["--model.init_args.vision.hu_windows=[[-150, 250], [-300, 0]]"]
     cli = run_cli(["fit", "--config", str(config), "--trainer.fast_dev_run=1", *windows])
     vision = cli.model.network.vision
@@ -163,11 +161,13 @@ def test_cli_reads_the_hu_window_from_the_cache(
     assert cli.trainer.global_step == 1
 
 
-def test_fit_refuses_a_model_built_for_another_cache_window(cache: Path, tiny_text: dict) -> None:
+def test_fit_refuses_a_model_built_for_another_cache_window(
+    cache: Path, tiny_bert: TinyBert
+) -> None:
     """A module built in Python with a stated window fails fast on a cache of another window."""
     config = vision(CROP) | {"hu_windows": [[-150, 250]], "source_hu_window": [-1000, 1000]}
     module = FineGrainedCLIPModule(
-        num_anatomies=35, vision=VisionConfig(**config), text_config=tiny_text, embed_dim=16
+        num_anatomies=35, vision=VisionConfig(**config), text_config=tiny_bert(), embed_dim=16
     )
     data = CTReportDataModule(str(cache), "paper", crop_size=CROP, batch_size=4, num_workers=0)
     trainer = Trainer(accelerator="cpu", fast_dev_run=1, logger=False)
@@ -196,11 +196,11 @@ def test_lightning_console_script_runs_fvlm_cli() -> None:
 
 
 def test_cli_resumes_from_its_checkpoint(
-    cache: Path, tmp_path: Path, tiny_text: dict, monkeypatch: pytest.MonkeyPatch
+    cache: Path, tmp_path: Path, tiny_bert: TinyBert, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sys, "argv", ["fvlm"])
     trainer = {"enable_checkpointing": True, "limit_val_batches": 0, "max_epochs": 1}
-    config = write_config(tmp_path, cache, tiny_text, "FineGrainedCLIPModule", trainer=trainer)
+    config = write_config(tmp_path, cache, tiny_bert(), "FineGrainedCLIPModule", trainer=trainer)
     run_cli(["fit", "--config", str(config)])
     (checkpoint,) = (tmp_path / "checkpoints").glob("*.ckpt")
     cli = run_cli(
@@ -245,14 +245,14 @@ def fine_grained_run(
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_reproduces_the_uninterrupted_run(
-    cache: Path, tmp_path: Path, tiny_text: dict, num_workers: int
+    cache: Path, tmp_path: Path, tiny_bert: TinyBert, num_workers: int
 ) -> None:
     straight = LossRecorder()
     every_epoch = ModelCheckpoint(
         dirpath=tmp_path, filename="{epoch}", save_top_k=-1, save_on_train_epoch_end=True
     )
     trainer, module, data = fine_grained_run(
-        cache, tmp_path, tiny_text, 2, [straight, every_epoch], num_workers=num_workers
+        cache, tmp_path, tiny_bert(), 2, [straight, every_epoch], num_workers=num_workers
     )
     trainer.fit(module, datamodule=data)
     assert len(straight.losses(0)) == len(straight.losses(1)) == 3
@@ -260,10 +260,10 @@ def test_resume_reproduces_the_uninterrupted_run(
     # A new process would build everything afresh; this is the same, minus the imports.
     resumed = LossRecorder()
     trainer, module, data = fine_grained_run(
-        cache, tmp_path, tiny_text, 2, [resumed], num_workers=num_workers
+        cache, tmp_path, tiny_bert(), 2, [resumed], num_workers=num_workers
     )
-    # weights_only=False: see test_python_built_checkpoint_loads_weights_only.
-    trainer.fit(module, datamodule=data, ckpt_path=tmp_path / "epoch=0.ckpt", weights_only=False)
+    # Read weights-only (Lightning's default), as `fvlm fit --ckpt_path` reads it.
+    trainer.fit(module, datamodule=data, ckpt_path=tmp_path / "epoch=0.ckpt")
     expected = [s for s in straight.steps if s[0] == 1]
     assert [s[:3] for s in resumed.steps] == [s[:3] for s in expected], "other batches"
     torch.testing.assert_close(
@@ -272,18 +272,18 @@ def test_resume_reproduces_the_uninterrupted_run(
 
 
 def test_python_built_checkpoint_loads_weights_only(
-    cache: Path, tmp_path: Path, tiny_text: dict
+    cache: Path, tmp_path: Path, tiny_bert: TinyBert
 ) -> None:
     """``Trainer.fit(ckpt_path=...)`` and ``load_from_checkpoint`` default to weights_only loads."""
     every_epoch = ModelCheckpoint(dirpath=tmp_path, filename="last", save_on_train_epoch_end=True)
-    trainer, module, data = fine_grained_run(cache, tmp_path, tiny_text, 1, [every_epoch])
+    trainer, module, data = fine_grained_run(cache, tmp_path, tiny_bert(), 1, [every_epoch])
     trainer.fit(module, datamodule=data)
     loaded = FineGrainedCLIPModule.load_from_checkpoint(tmp_path / "last.ckpt")
     assert loaded.network.vision.config.img_size == CROP
 
 
 def test_short_fit_takes_the_loss_below_chance(
-    cache: Path, tmp_path: Path, tiny_text: dict
+    cache: Path, tmp_path: Path, tiny_bert: TinyBert, paper_table: AnatomyTable
 ) -> None:
     """200 steps (100 epochs of 2 batches of 6 whole volumes) take the loss well below chance.
 
@@ -293,15 +293,16 @@ def test_short_fit_takes_the_loss_below_chance(
     chance and need some 30 steps to leave it, hence more steps than a smoke test; measured over
     three cache seeds: fixed-batch loss 0.79-0.86 x chance, last/first steps 0.71-0.81.
     """
-    table = load_anatomy_table("paper")
-    dataset = CachedStudyDataset(cache, "train", table, SHAPE, train=False, max_text_length=32)
+    dataset = CachedStudyDataset(
+        cache, "train", paper_table, SHAPE, train=False, max_text_length=32
+    )
     fixed = collate_studies([dataset[i] for i in range(len(dataset))])
     counts = fixed["valid"].sum(0)
     chance = sum(math.log(n) for n in counts.tolist() if n > 0)
 
     recorder = LossRecorder()
     trainer, module, data = fine_grained_run(
-        cache, tmp_path, tiny_text, 100, [recorder], crop=SHAPE, batch_size=6, lr=3e-3
+        cache, tmp_path, tiny_bert(), 100, [recorder], crop=SHAPE, batch_size=6, lr=3e-3
     )
     with torch.no_grad():
         before = module.contrastive_loss(module(fixed))["loss"].item()
@@ -322,9 +323,8 @@ def test_short_fit_takes_the_loss_below_chance(
 # -- zero-shot AUROC and `fvlm test` ------------------------------------------------------------
 
 
-def write_labels(cache: Path, path: Path, seed: int = 0) -> Path:
+def write_labels(cache: Path, path: Path, table: AnatomyTable, seed: int = 0) -> Path:
     """Random 0/1 labels (a few unknown) for the diseases of the cache's anatomies."""
-    table = load_anatomy_table("paper")
     keys = [d.key for d in table.diseases() if d.anatomy in DEFAULT_ANATOMIES]
     studies = [row["study_id"] for row in read_cache_manifest(cache) if row["status"] == "ok"]
     rng = np.random.default_rng(seed)
@@ -336,12 +336,15 @@ def write_labels(cache: Path, path: Path, seed: int = 0) -> Path:
 
 
 def test_validation_auroc_matches_evaluation_metrics(
-    tmp_path: Path, tiny_text: dict, tmp_path_factory: pytest.TempPathFactory
+    tmp_path: Path,
+    tiny_bert: TinyBert,
+    tmp_path_factory: pytest.TempPathFactory,
+    paper_table: AnatomyTable,
 ) -> None:
     """Logged ``val/auroc/<disease>`` equal the evaluation's AUROC on the whole split's scores."""
     cache = write_cache(tmp_path / "cache", n_train=4, n_val=10, shape=SHAPE, seed=3)
-    labels = write_labels(cache, tmp_path / "labels.csv")
-    _, module, _ = fine_grained_run(cache, tmp_path, tiny_text, 1)
+    labels = write_labels(cache, tmp_path / "labels.csv", paper_table)
+    _, module, _ = fine_grained_run(cache, tmp_path, tiny_bert(), 1)
     data = CTReportDataModule(
         str(cache), "paper", crop_size=CROP, batch_size=4, num_workers=0, max_text_length=32,
         labels=str(labels),
@@ -359,14 +362,13 @@ def test_validation_auroc_matches_evaluation_metrics(
         tokens = tokenizer(texts, padding=True, return_tensors="pt")
         return module.network.encode_text(tokens["input_ids"], tokens["attention_mask"])
 
-    table = load_anatomy_table("paper")
     truth = pd.read_csv(labels, dtype={"study_id": str}).set_index("study_id")
-    diseases = [d for d in table.diseases() if d.key in truth.columns]
+    diseases = [d for d in paper_table.diseases() if d.key in truth.columns]
     module.eval()
     with torch.no_grad():
         out = module(batch)
         scores = zero_shot_scores(
-            out.image_emb, out.valid, encode, out.logit_scale, table, diseases,
+            out.image_emb, out.valid, encode, out.logit_scale, paper_table, diseases,
             study_ids=batch["study_id"], output="logit",
         )  # fmt: skip
     reference = evaluate_scores(scores, truth.loc[scores.index, scores.columns])
@@ -379,17 +381,21 @@ def test_validation_auroc_matches_evaluation_metrics(
 
 
 def test_fit_selects_on_auroc_and_fvlm_test_runs(
-    cache: Path, tmp_path: Path, tiny_text: dict, monkeypatch: pytest.MonkeyPatch
+    cache: Path,
+    tmp_path: Path,
+    tiny_bert: TinyBert,
+    monkeypatch: pytest.MonkeyPatch,
+    paper_table: AnatomyTable,
 ) -> None:
     monkeypatch.setattr(sys, "argv", ["fvlm"])
-    labels = write_labels(cache, tmp_path / "labels.csv")
+    labels = write_labels(cache, tmp_path / "labels.csv", paper_table)
     best = {
         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
         "init_args": {"dirpath": str(tmp_path / "best"), "monitor": "val/auroc_macro",
                       "mode": "max", "save_top_k": 1},
     }  # fmt: skip
     trainer = {"enable_checkpointing": True, "max_epochs": 2, "callbacks": [best]}
-    config = write_config(tmp_path, cache, tiny_text, "GlobalCLIPModule", trainer=trainer)
+    config = write_config(tmp_path, cache, tiny_bert(), "GlobalCLIPModule", trainer=trainer)
     extra = [f"--data.labels={labels}", "--data.test_split=val"]
     cli = run_cli(["fit", "--config", str(config), *extra])
     callback = cli.trainer.checkpoint_callback

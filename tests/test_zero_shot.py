@@ -127,20 +127,25 @@ def test_global_diseases_use_the_mean_of_valid_anatomies() -> None:
     assert torch.allclose(whole[0], F.normalize(E[0] + E[2], dim=0))
 
 
-def test_invalid_anatomy_falls_back_to_whole_scan_and_is_counted() -> None:
+def test_invalid_anatomy_is_not_evaluable_and_counted() -> None:
     table = _table()
-    # study 0: heart invalid -> its cardiomegaly score uses the whole scan = lung embedding e0
-    # study 1: nothing valid -> NaN everywhere
+    # study a: heart invalid -> cardiomegaly NaN (no substitute); lymphadenopathy on the lung alone
+    # study b: nothing valid -> NaN everywhere
     image = torch.stack([torch.stack([E[0], E[2]]), torch.stack([E[0], E[2]])])
     valid = torch.tensor([[True, False], [False, False]])
     scores = zero_shot_scores(
         image, valid, Encoder(PROMPT_EMB), 10.0, table, templates=ONE, study_ids=["a", "b"]
     )
-    # e0 against heart prompts e2 / e3: both cosines 0 -> P = 0.5 exactly
-    assert scores.loc["a", "heart/cardiomegaly"] == pytest.approx(0.5)
+    assert math.isnan(scores.loc["a", "heart/cardiomegaly"])
     assert scores.loc["a", "lung/emphysema"] == pytest.approx(_sigmoid(10.0), rel=1e-6)
+    # whole scan = e0 (the lung alone): cos to the positive (e0 + e2)/sqrt 2, to the negative 0
+    expected = _sigmoid(10.0 / math.sqrt(2.0))
+    assert scores.loc["a", "global/lymphadenopathy"] == pytest.approx(expected, rel=1e-6)
     assert scores.loc["b"].isna().all()
-    assert scores.attrs["fallback_to_whole_scan"] == {"lung/emphysema": 1, "heart/cardiomegaly": 2}
+    assert scores.attrs["not_evaluable"] == {
+        "lung/emphysema": 1, "heart/cardiomegaly": 2, "global/lymphadenopathy": 1,
+    }  # fmt: skip
+    assert scores.attrs["whole_scan_mean"] == {"global/lymphadenopathy": 1}
     assert scores.attrs["no_valid_anatomy"] == 1
     assert scores.index.name == "study_id"
 
@@ -154,7 +159,7 @@ def test_global_mode_scores_every_disease_with_one_embedding() -> None:
     assert scores.loc[0, "lung/emphysema"] == pytest.approx(_sigmoid(10.0), rel=1e-6)
     assert scores.loc[0, "heart/cardiomegaly"] == pytest.approx(0.5)
     assert scores.loc[1, "heart/cardiomegaly"] == pytest.approx(_sigmoid(-10.0), rel=1e-4)
-    assert scores.attrs["fallback_to_whole_scan"] == {}
+    assert scores.attrs["not_evaluable"] == {} and scores.attrs["whole_scan_mean"] == {}
 
 
 def test_embedding_and_probability_ensembles_by_hand() -> None:

@@ -13,26 +13,43 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
 Source = Literal["llm", "rules", "default"]
+#: What decided an anatomy's normal flag: the impression (the paper's rule), the findings (the
+#: impression is missing or states no abnormality), or nothing (the anatomy is mentioned nowhere).
+NormalSource = Literal["impression", "findings", "default"]
 
 
 @dataclass(frozen=True)
 class AnatomyDescription:
     """The merged description of one anatomy in one report.
 
-    ``normal`` follows the paper: an anatomy not mentioned in the impression is normal.
+    ``normal`` follows the paper: an anatomy not mentioned in the impression is normal;
+    ``normal_source`` says what decided it (None: the paper's rule, ``default`` when the anatomy is
+    mentioned nowhere, ``impression`` otherwise).
     """
 
     text: str
     normal: bool
     source: Source
+    normal_source: NormalSource | None = None
+
+    def __post_init__(self) -> None:
+        if self.normal_source is None:
+            paper = "default" if self.source == "default" else "impression"
+            object.__setattr__(self, "normal_source", paper)
 
 
 @dataclass
 class Decomposition:
-    """Descriptions for every anatomy of the table plus counts of how each answer was obtained."""
+    """Descriptions for every anatomy of the table plus counts of how each answer was obtained.
+
+    ``fallback`` names the anatomies for which an LLM prompt failed (server unusable, timeouts,
+    unparseable answers) and the keyword rules answered instead: ``report.json`` records them as
+    ``decomposer_used: rules``, and the next run with the LLM configured asks again.
+    """
 
     anatomies: dict[str, AnatomyDescription]
     outcomes: Counter = field(default_factory=Counter)
+    fallback: frozenset[str] = frozenset()
 
 
 class Decomposer(Protocol):
@@ -60,6 +77,7 @@ __all__ = [
     "KeywordMatcher",
     "LLMConfig",
     "LLMDecomposer",
+    "NormalSource",
     "RuleDecomposer",
     "SectionText",
     "Source",

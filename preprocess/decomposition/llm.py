@@ -14,10 +14,16 @@ Robustness, because a preprocessing run sends tens of prompts per report for hou
   unparseable answer is asked again here, since no client can know what parses; when either runs
   out, that (section, anatomy) falls back to the rule-based result, and every case is counted in
   :attr:`Decomposition.outcomes` (``retry`` is every request beyond a prompt's first);
-* an unusable server (connections still refused after the client's retries, or a 401/403/404:
-  wrong key, model or URL) opens a circuit breaker, which the client lacks: one warning, then
-  everything falls back to the rules without waiting on the network; the server is tried again
-  after ``down_retry_s``.
+* an unusable server (connections still refused after the client's retries, a 401/403/404:
+  wrong key, model or URL, prompts timing out several times in a row, or a 429 that outlasts the
+  client's retries) opens a circuit breaker, which the client lacks: one warning, then everything
+  falls back to the rules without waiting on the network; the server is tried again after
+  ``down_retry_s`` (after the server's ``Retry-After`` for a 429, if longer);
+* an answer longer than ``answer_chars_per_token * max_tokens`` characters (a server that ignores
+  ``max_tokens``) and a 200 whose body is no chat completion (HTML, broken JSON) are unparseable
+  answers like any other;
+* every (section, anatomy) that fell back is listed in :attr:`Decomposition.fallback`, so the
+  preprocessing run records it and asks the LLM again on its next run.
 
 The API key is read from the environment variable named in :class:`LLMConfig` when the client is
 created and lives only inside the (unpicklable, never logged) client object.
@@ -38,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 import openai
 
@@ -63,6 +70,8 @@ Messages = list[dict[str, str]]
 _RETRY_COUNT_HEADER = "x-stainless-retry-count"
 # Status codes that will not get better for the next prompt: wrong key, model or URL.
 _FATAL_STATUS = {401, 403, 404}
+# Prompts timing out (after the client's retries) this many times in a row open the breaker.
+_TIMEOUTS_TO_OPEN = 3
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,8 @@ class LLMConfig:
             the client's transport retries are ``max_attempts - 1``, and an unparseable answer
             is asked again up to ``max_attempts`` times.
         down_retry_s: After the server is found unreachable, seconds before trying it again.
+        answer_chars_per_token: Answers longer than this many characters per ``max_tokens`` are
+            refused as unparseable (a server that ignores ``max_tokens`` cannot fill the disk).
         cache_dir: Directory of cached answers; ``None`` disables the cache.
     """
 
@@ -94,6 +105,7 @@ class LLMConfig:
     timeout_s: float = 60.0
     max_attempts: int = 3
     down_retry_s: float = 60.0
+    answer_chars_per_token: int = 16
     cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -106,12 +118,24 @@ class LLMConfig:
             "timeout_s": self.timeout_s > 0,
             "down_retry_s": self.down_retry_s >= 0,
             "temperature": self.temperature >= 0,
+            "answer_chars_per_token": self.answer_chars_per_token >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"LLMConfig: invalid {', '.join(bad)} ({self!r})")
         if not self.base_url or not self.model:
             raise ValueError("LLMConfig: base_url and model must be non-empty")
+        url = urlparse(self.base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(
+                f"LLMConfig: base_url must be an http:// or https:// URL with a host, got "
+                f"{self.base_url!r}"
+            )
+
+    @property
+    def max_answer_chars(self) -> int:
+        """The longest answer accepted, in characters."""
+        return self.answer_chars_per_token * self.max_tokens
 
 
 def cache_key(model: str, messages: Messages) -> str:
@@ -139,6 +163,7 @@ class LLMDecomposer:
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._warned_down = False
+        self._timeouts_in_a_row = 0
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(table={self.table.name!r}, config={self.config!r})"
@@ -170,6 +195,7 @@ class LLMDecomposer:
         ]
         extracted: dict[str, dict[str, SectionText]] = {kind: {} for kind in sections}
         outcomes: Counter = Counter()
+        fallback: set[str] = set()
 
         def run(job: tuple[str, Anatomy]) -> tuple[SectionText | None, Counter]:
             kind, anatomy = job
@@ -180,11 +206,13 @@ class LLMDecomposer:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fvlm-llm") as pool:
                 for (kind, anatomy), (text, counts) in zip(jobs, pool.map(run, jobs), strict=True):
                     outcomes.update(counts)
+                    if counts["fallback_rules"]:
+                        fallback.add(anatomy.name)
                     if text is not None:
                         extracted[kind][anatomy.name] = text
         anatomies = merge_sections(self.table, extracted["findings"], extracted["impression"])
         outcomes["default"] += sum(d.source == "default" for d in anatomies.values())
-        return Decomposition(anatomies, +outcomes)
+        return Decomposition(anatomies, +outcomes, frozenset(fallback))
 
     # -- one (section, anatomy) ----------------------------------------------------------------
 
@@ -222,7 +250,11 @@ class LLMDecomposer:
         """The parsed answer to one prompt from the cache or the server; ``None`` on failure."""
         key = cache_key(self.config.model, messages)
         cached = self._cache_read(key)
-        if cached is not None and (parsed := parse(cached)) is not None:
+        if (
+            cached is not None
+            and len(cached) <= self.config.max_answer_chars
+            and (parsed := parse(cached)) is not None
+        ):
             counts["cache_hit"] += 1
             return parsed
         for attempt in range(self.config.max_attempts):
@@ -240,6 +272,10 @@ class LLMDecomposer:
                 return None
             counts["retry"] += retries
             self._mark_up()
+            if len(answer) > self.config.max_answer_chars:
+                counts["oversized"] += 1
+                log.debug("LLM answer of %d characters refused (attempt %d)", len(answer), attempt)
+                continue
             parsed = parse(answer)
             if parsed is None:
                 counts["unparseable"] += 1
@@ -255,6 +291,14 @@ class LLMDecomposer:
         """Count a request the client gave up on; open the breaker if the server is unusable."""
         if isinstance(err, openai.APITimeoutError):
             counts["error_timeout"] += 1
+            with self._lock:
+                self._timeouts_in_a_row += 1
+                trip = self._timeouts_in_a_row >= _TIMEOUTS_TO_OPEN
+            if trip:
+                self._mark_down(
+                    f"{_TIMEOUTS_TO_OPEN} prompts in a row timed out after "
+                    f"{self.config.timeout_s:g} s and {self.config.max_attempts} attempts"
+                )
         elif isinstance(err, openai.APIConnectionError):
             counts["error_connection"] += 1
             self._mark_down(f"connection failed: {err}")
@@ -262,6 +306,8 @@ class LLMDecomposer:
             counts[f"error_http_{err.status_code}"] += 1
             if err.status_code in _FATAL_STATUS:
                 self._mark_down(f"HTTP {err.status_code} for model {self.config.model!r}")
+            elif err.status_code == 429:  # still rate-limited after the client's retries
+                self._mark_down("HTTP 429, rate limited", _retry_after_s(err.response))
         else:
             counts["error_other"] += 1
             log.debug("LLM request failed: %s: %s", type(err).__name__, err)
@@ -301,9 +347,11 @@ class LLMDecomposer:
     def _server_down(self) -> bool:
         return time.monotonic() < self._down_until
 
-    def _mark_down(self, reason: str) -> None:
+    def _mark_down(self, reason: str, wait_s: float | None = None) -> None:
+        wait = max(self.config.down_retry_s, wait_s or 0.0)
         with self._lock:
-            self._down_until = time.monotonic() + self.config.down_retry_s
+            self._down_until = max(self._down_until, time.monotonic() + wait)
+            self._timeouts_in_a_row = 0
             first, self._warned_down = not self._warned_down, True
         if first:
             log.warning(
@@ -311,10 +359,11 @@ class LLMDecomposer:
                 "rules (server retried in %.0f s)",
                 self.config.base_url,
                 reason,
-                self.config.down_retry_s,
+                wait,
             )
 
     def _mark_up(self) -> None:
+        self._timeouts_in_a_row = 0
         if self._warned_down:
             with self._lock:
                 was_down, self._warned_down = self._warned_down, False
@@ -363,6 +412,15 @@ class LLMDecomposer:
                 Path(tmp).unlink(missing_ok=True)
             return False
         return True
+
+
+def _retry_after_s(response: Any) -> float | None:
+    """Seconds of a response's ``Retry-After`` header (``None``: absent or a date)."""
+    try:
+        value = float(response.headers.get("retry-after", ""))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return value if 0 <= value < float("inf") else None
 
 
 def _retries_taken(err: openai.APIError) -> int:

@@ -1,60 +1,50 @@
-"""Offline report decomposition: sentence splitting plus the anatomy table's keywords.
+"""Offline report decomposition: clauses read like a radiologist reads them, plus the keyword table.
 
 This is the default when no LLM server is configured, and the fallback of the LLM decomposer for
-every prompt that fails. Each sentence (or semicolon-separated clause) of a section goes to every
-anatomy whose keyword it contains; the sentences of one anatomy, in report order, are its section
-text. Sentences without any keyword are dropped, which is what the LLM's extraction does as well.
+every prompt that fails. Each sentence of a section (:mod:`.clauses`) goes to the anatomies it is
+about (:mod:`.attribution`: its subject, not every anatomy it names); the sentences of one anatomy,
+in report order, are its section text. Sentences about no anatomy of the table are dropped, which
+is what the LLM's extraction does as well. The normal flag reads negation and normal wording
+(:mod:`.negation`) and falls back to the findings when the impression is missing or global
+(:mod:`.normal_flag`); outcomes count ``normal_impression``/``normal_findings`` per anatomy that
+a section mentions.
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
+from dataclasses import dataclass, replace
 
 from fvlm.anatomy import AnatomyTable
 
 from . import Decomposition
+from .attribution import ClauseReading, read_sentence
+from .clauses import split_sentences
 from .merge import SectionText, merge_sections
+from .normal_flag import NormalFlag, normal_flags
 from .string_matching import KeywordMatcher
 
-__all__ = ["RuleDecomposer", "split_sentences"]
-
-# A sentence ends at . ! ? followed by white space (not inside "1.5 cm"), at a semicolon, or at a
-# line break (impressions are often one item per line).
-_BOUNDARY = re.compile(r"(?<=[.!?])\s+|;\s*|\s*\n\s*")
-# Abbreviations after which a full stop does not end the sentence.
-_ABBREVIATION = re.compile(r"(?<![A-Za-z])(?:e\.g|i\.e|approx|vs|cf|dr|fig)\.$", re.IGNORECASE)
-# List markers that open an impression item: "1.", "2)", "(3)", "-", "*", bullet.
-_ENUMERATOR = re.compile(r"^(?:\(?\d{1,2}[.)]|[-*\u2022])(?:\s+|$)")
+__all__ = ["RuleDecomposer", "SentenceReading", "split_sentences"]
 
 
-def split_sentences(text: str) -> list[str]:
-    """Split a report section into sentences, each ending with punctuation.
+@dataclass(frozen=True)
+class SentenceReading:
+    """One sentence of a section and the readings of its clauses."""
 
-    List markers are removed, clauses cut at a semicolon get a full stop, and empty pieces (e.g. a
-    bare "1.") are dropped, so each sentence can be handed to an anatomy as it stands.
-    """
-    pieces: list[str] = []
-    for piece in _BOUNDARY.split(text):
-        if pieces and _ABBREVIATION.search(pieces[-1]):
-            pieces[-1] = f"{pieces[-1]} {piece}"
-        else:
-            pieces.append(piece)
-    sentences = []
-    for piece in pieces:
-        sentence = piece.strip()
-        while (stripped := _ENUMERATOR.sub("", sentence, count=1).strip()) != sentence:
-            sentence = stripped
-        if not any(ch.isalnum() for ch in sentence):
-            continue
-        if sentence[-1] not in ".!?":
-            sentence = f"{sentence.rstrip(',:')}."
-        sentences.append(sentence)
-    return sentences
+    sentence: str
+    clauses: tuple[ClauseReading, ...]
+
+    @property
+    def anatomies(self) -> list[str]:
+        """Anatomies the sentence is about, in order of first mention."""
+        names: list[str] = []
+        for clause in self.clauses:
+            names += [n for n in clause.anatomies if n not in names]
+        return names
 
 
 class RuleDecomposer:
-    """Rule-based decomposer (sentence splitting + keyword table).
+    """Rule-based decomposer (sentences, subjects, negation + keyword table).
 
     Picklable: it holds the table and a compiled regex only.
 
@@ -69,26 +59,62 @@ class RuleDecomposer:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(table={self.table.name!r})"
 
+    def read(self, section: str) -> list[SentenceReading]:
+        """Every sentence of ``section`` with the subject and assertion of each clause."""
+        return [
+            SentenceReading(s, tuple(read_sentence(s, self.matcher)))
+            for s in split_sentences(section)
+        ]
+
+    def _texts(self, readings: list[SentenceReading]) -> dict[str, str]:
+        found: dict[str, list[str]] = {}
+        for reading in readings:
+            for name in reading.anatomies:
+                found.setdefault(name, []).append(reading.sentence)
+        return {name: " ".join(found[name]) for name in self.table.names if name in found}
+
     def extract(self, section: str) -> dict[str, str]:
-        """Anatomy name -> the sentences of ``section`` that mention it (only mentioned anatomies).
+        """Anatomy name -> the sentences of ``section`` about it (only anatomies it is about).
 
         Keys follow table order so that outputs are deterministic.
         """
-        found: dict[str, list[str]] = {}
-        for sentence in split_sentences(section):
-            for name in self.matcher.anatomies(sentence):
-                found.setdefault(name, []).append(sentence)
-        return {name: " ".join(found[name]) for name in self.table.names if name in found}
+        return self._texts(self.read(section))
+
+    def _flags(
+        self, findings: list[SentenceReading], impression: list[SentenceReading]
+    ) -> dict[str, NormalFlag]:
+        return normal_flags(
+            self.table.names,
+            [c for r in findings for c in r.clauses],
+            [c for r in impression for c in r.clauses],
+        )
+
+    def normal_flags(self, findings: str, impression: str) -> dict[str, NormalFlag]:
+        """Normal flag and its source per anatomy (:mod:`.normal_flag`), e.g. for the LLM path."""
+        return self._flags(self.read(findings), self.read(impression))
 
     def decompose(self, findings: str, impression: str) -> Decomposition:
-        """Decompose one report; outcomes count ``rules`` (section-anatomy texts), ``default``."""
+        """Decompose one report.
+
+        Outcomes count ``rules`` (section-anatomy texts), ``default`` (anatomies mentioned
+        nowhere) and ``normal_impression``/``normal_findings`` (which section decided the normal
+        flag of a mentioned anatomy).
+        """
+        readings = [self.read(part) for part in (findings, impression)]
         sections = [
-            {name: SectionText(text, "rules") for name, text in self.extract(part).items()}
-            for part in (findings, impression)
+            {name: SectionText(text, "rules") for name, text in self._texts(part).items()}
+            for part in readings
         ]
-        anatomies = merge_sections(self.table, *sections)
+        flags = self._flags(*readings)
+        anatomies = {
+            name: replace(d, normal=flags[name].normal, normal_source=flags[name].source)
+            for name, d in merge_sections(self.table, *sections).items()
+        }
         outcomes = Counter(
             rules=sum(len(s) for s in sections),
             default=sum(d.source == "default" for d in anatomies.values()),
+        )
+        outcomes.update(
+            f"normal_{d.normal_source}" for d in anatomies.values() if d.source != "default"
         )
         return Decomposition(anatomies, +outcomes)

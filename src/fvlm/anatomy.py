@@ -185,7 +185,9 @@ class AnatomyTable:
                 f"label map holds class ids outside TotalSegmentator {version} "
                 f"(range {labels.min()}..{labels.max()}, expected 0..{len(lut) - 1})"
             )
-        return lut[labels.astype(np.int64)]
+        if labels.dtype.kind != "u":  # an unsigned map indexes the table as it is (no copy)
+            labels = labels.astype(np.int64)
+        return lut[labels]
 
     def validate(self) -> None:
         """Check ids, names and TotalSegmentator class names; raise :class:`AnatomyTableError`."""

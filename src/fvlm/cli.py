@@ -69,6 +69,11 @@ COMMANDS: tuple[Command, ...] = (
         "Build or update the preprocessing cache from a manifest.",
         configs="preprocess",
     ),
+    Command(
+        "verify-cache",
+        "fvlm.preprocess.cache:verify_cache",
+        "Check a preprocessing cache's files against their recorded sizes and checksums.",
+    ),
     Command("fit", _LIGHTNING_CLI, "Train a model (LightningCLI).", lightning=True, configs=""),
     Command(
         "validate", _LIGHTNING_CLI, "Validation loop (LightningCLI).", lightning=True, configs=""
@@ -76,6 +81,11 @@ COMMANDS: tuple[Command, ...] = (
     Command("test", _LIGHTNING_CLI, "Test loop (LightningCLI).", lightning=True, configs=""),
     Command(
         "predict", _LIGHTNING_CLI, "Prediction loop (LightningCLI).", lightning=True, configs=""
+    ),
+    Command(
+        "crop-report",
+        "fvlm.crop_validity:crop_report",
+        "Per anatomy: present, complete and valid in training crops (from a cache's boxes).",
     ),
     Command(
         "evaluate",

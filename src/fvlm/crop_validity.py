@@ -16,6 +16,7 @@ module measures that before training, from the cache's bounding boxes alone (no 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from fvlm.crop import anatomy_aware_crop_boxes, crops_valid
 from fvlm.preprocess.cache import StudyCache
 
 __all__ = [
+    "CropValidityCheck",
     "CropValidityError",
     "CropValidityRow",
     "StudyBoxes",
@@ -113,6 +115,8 @@ class StudyBoxes:
             abnormal: ``(N, A)`` abnormal flags (default: none).
         """
         s = np.asarray(spacing, dtype=float)
+        if s.shape != (3,) or not (np.isfinite(s).all() and (s > 0).all()):
+            raise ValueError(f"spacing must be 3 positive voxel sizes in mm, got {spacing!r}")
         fov = np.asarray(field_of_view_mm, dtype=float)
         shapes = np.maximum(1, np.round(fov / s)).astype(np.int64)
         lo = np.floor(np.nan_to_num(boxes_mm[..., 0], nan=0.0) / s)
@@ -133,6 +137,24 @@ class StudyBoxes:
             truncated=none.copy() if truncated is None else np.asarray(truncated, dtype=bool),
             abnormal=none.copy() if abnormal is None else np.asarray(abnormal, dtype=bool),
         )
+
+    def resampled(self, spacing: Sequence[float]) -> StudyBoxes:
+        """The same studies as preprocessing at ``spacing`` (mm) would box them.
+
+        So a recipe (spacing, crop) can be measured on a cache written at another spacing, e.g.
+        a coarse one of the same millimetre extents, before preprocessing at the recipe's.
+        """
+        per_study = self.spacing[:, None, :, None]
+        boxes_mm = np.where(self.present[..., None, None], self.bboxes * per_study, np.nan)
+        resampled = StudyBoxes.from_mm(
+            boxes_mm,
+            self.shapes * self.spacing,
+            spacing,
+            self.names,
+            self.truncated,
+            self.abnormal,
+        )
+        return dataclasses.replace(resampled, study_ids=self.study_ids)
 
 
 def read_study_boxes(
@@ -377,6 +399,39 @@ def format_crop_validity_table(rows: Sequence[CropValidityRow]) -> str:
     return "\n".join(text) + "\n(* carries diseases)"
 
 
+@dataclass(frozen=True)
+class CropValidityCheck:
+    """What a crop validity check measured: its rows, its warnings and what it was run on.
+
+    Attributes:
+        source: What was measured (a cache and split), for the report's first line.
+        studies: Number of studies measured.
+        crop_size: Training crop ``(d, h, w)`` in voxels.
+        spacing_mm: Median voxel size of the studies (mm).
+        draws: Simulated crops.
+        rows: One row per anatomy, in table order.
+        warnings: One-line warnings (see :func:`crop_validity_warnings`).
+    """
+
+    source: str
+    studies: int
+    crop_size: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    draws: int
+    rows: list[CropValidityRow]
+    warnings: list[str]
+
+    def format(self) -> str:
+        """A title line (crop in voxels and mm) and the table; warnings are printed apart."""
+        crop_mm = [c * s for c, s in zip(self.crop_size, self.spacing_mm, strict=True)]
+        title = (
+            f"crop validity of {self.source} ({self.studies} studies) at crop "
+            f"{_size(self.crop_size)} voxels ({_size(crop_mm, ' mm')} at "
+            f"{_size(self.spacing_mm, ' mm')}; {self.draws} simulated crops)"
+        )
+        return title + "\n" + format_crop_validity_table(self.rows)
+
+
 def check_crop_validity(
     cache_dir: str | Path,
     crop_size: Sequence[int],
@@ -387,7 +442,8 @@ def check_crop_validity(
     threshold: float = 0.2,
     coverage: float = 0.95,
     strict: bool = False,
-) -> tuple[list[CropValidityRow], list[str]]:
+    spacing: Sequence[float] | None = None,
+) -> CropValidityCheck:
     """The check a training run makes at setup: rows and one-line warnings.
 
     Args:
@@ -400,17 +456,32 @@ def check_crop_validity(
         threshold: Validity share under which a disease-carrying anatomy is warned about.
         coverage: Share of studies the suggested crop must hold the anatomy in.
         strict: Raise :class:`CropValidityError` instead of returning crop warnings.
+        spacing: Measure the studies as if preprocessed at this voxel size (mm), ``crop_size``
+            then being in its voxels (:meth:`StudyBoxes.resampled`); ``None``: the cache's.
 
     Raises:
         CropValidityError: ``strict`` and some disease-carrying anatomy is valid in under
             ``threshold`` of the crops where it is complete.
     """
+    crop_size = tuple(int(c) for c in crop_size)
     studies = read_study_boxes(cache_dir, table, split)
+    if spacing is not None:
+        studies = studies.resampled(spacing)
+    spacing = studies.median_spacing
     rows = crop_validity_rows(studies, crop_size, table, draws, seed, coverage)
-    crop, fov = crop_validity_warnings(rows, crop_size, studies.median_spacing, threshold, coverage)
+    crop, fov = crop_validity_warnings(rows, crop_size, spacing, threshold, coverage)
     if strict and crop:
         raise CropValidityError(f"{cache_dir}: " + "; ".join(crop))
-    return rows, crop + fov
+    where = f"{cache_dir}" + ("" if split is None else f" split {split!r}")
+    return CropValidityCheck(
+        source=where,
+        studies=len(studies.study_ids),
+        crop_size=crop_size,  # type: ignore[arg-type]
+        spacing_mm=tuple(round(float(v), 4) for v in spacing),  # type: ignore[arg-type]
+        draws=draws,
+        rows=rows,
+        warnings=crop + fov,
+    )
 
 
 def crop_report(
@@ -423,11 +494,13 @@ def crop_report(
     threshold: float = 0.2,
     coverage: float = 0.95,
     strict: bool = False,
+    spacing: tuple[float, float, float] | None = None,
 ) -> None:
     """Print, per anatomy, how often it is present, complete, valid in training crops, abnormal.
 
     Reads only the cache's ``meta.json`` and ``report.json`` files, so it runs in seconds on a
-    full cache, before a training run spends hours on crops that never hold an organ.
+    full cache, before a training run spends hours on crops that never hold an organ. ``fvlm fit``
+    logs the same table for its training split (``data.crop_check``).
 
     Args:
         cache: The preprocessing cache (``fvlm preprocess --cache``).
@@ -440,12 +513,13 @@ def crop_report(
             where it is complete.
         coverage: Share of studies the suggested crop must hold the anatomy in.
         strict: Fail (exit with an error) instead of warning.
+        spacing: Measure a recipe before preprocessing at it: the cache's boxes as if resampled
+            to this voxel size ``D H W`` (mm), ``crop_size`` in its voxels (default: the cache's).
     """
     table = load_anatomy_table(anatomy_table)
-    rows, warnings = check_crop_validity(
-        cache, crop_size, table, split, draws, seed, threshold, coverage, strict
+    check = check_crop_validity(
+        cache, crop_size, table, split, draws, seed, threshold, coverage, strict, spacing
     )
-    print(f"crop validity of {cache} at crop {_size(crop_size)} voxels ({draws} simulated crops)")
-    print(format_crop_validity_table(rows))
-    for line in warnings:
+    print(check.format())
+    for line in check.warnings:
         print(f"warning: {line}")

@@ -17,6 +17,7 @@ import yaml
 
 from fvlm.config_files import resolve_config
 from fvlm.evaluation.ctrate import ctrate_label_map, ctrate_manifest
+from fvlm.evaluation.evaluability import AbsentRule
 from fvlm.evaluation.metrics import ThresholdMethod
 from fvlm.evaluation.radchestct import (
     RADCHESTCT_CALCIFICATION_MERGE,
@@ -55,12 +56,18 @@ def evaluate(
     bootstrap: int = 0,
     device: str = "cpu",
     out: Path = Path("runs/eval"),
+    batch_size: int = 4,
+    num_workers: int = 0,
+    absent_rule: AbsentRule = "not_evaluable",
 ) -> int:
     """Zero-shot evaluation of one or more checkpoints on a preprocessing cache.
 
     Metrics: AUROC; balanced accuracy, sensitivity, specificity, precision and weighted F1 at a
     ROC-chosen threshold. Several checkpoints (``--ckpt [a.ckpt,b.ckpt] --name [fVLM,CLIP]``, or
-    ``--ckpt+ a.ckpt --ckpt+ b.ckpt``) give one comparison table.
+    ``--ckpt+ a.ckpt --ckpt+ b.ckpt``) give one comparison table. Each network sees crops of its
+    training size: fVLM a few planned crops per scan that hold every complete anatomy whole,
+    CLIP crops tiling the scan. A study whose anatomy is truncated by the field of view or absent
+    is left out of that anatomy's diseases (counted in the outputs).
 
     Args:
         ckpt: Checkpoint file, or a list of them.
@@ -74,12 +81,17 @@ def evaluate(
         bootstrap: AUROC bootstrap resamples for confidence intervals (0: none).
         device: Torch device of the networks.
         out: Output folder.
+        batch_size: Crops per forward pass of the evaluation.
+        num_workers: Worker processes reading evaluation crops.
+        absent_rule: A study without the disease's anatomy: ``not_evaluable`` (left out of the
+            disease) or ``negative`` (scored as the disease's most confident negative; only
+            where the scans' field of view covers the anatomy's region).
     """
     paths, names = _checkpoints(ckpt, name)
     table = pd.read_csv(labels, dtype={"study_id": str})
     results = evaluate_checkpoints(
         paths, names, cache, table, out, split, anatomy_table, benchmark, threshold, bootstrap,
-        device,
+        device, batch_size=batch_size, num_workers=num_workers, absent_rule=absent_rule,
     )  # fmt: skip
     print_results(results, out)
     return 0
@@ -146,6 +158,9 @@ def _dataset_evaluation(
     extra: Mapping[str, object],
     score_merges: Mapping[str, Sequence[str]] | None = None,
     require_report: bool = True,
+    batch_size: int = 4,
+    num_workers: int = 0,
+    absent_rule: AbsentRule = "not_evaluable",
 ) -> int:
     """Preprocess a chest dataset, then score CT-RATE's 18 labels; the exit status."""
     paths, names = _checkpoints(ckpt, name)
@@ -156,7 +171,8 @@ def _dataset_evaluation(
         return code
     results = evaluate_checkpoints(
         paths, names, cache, labels, out, split, "chest", "ctrate", threshold, bootstrap, device,
-        score_merges=score_merges, extra=extra,
+        score_merges=score_merges, extra=extra, batch_size=batch_size, num_workers=num_workers,
+        absent_rule=absent_rule,
     )  # fmt: skip
     print_results(results, out)
     return 0
@@ -183,6 +199,9 @@ def eval_ctrate(
     bootstrap: int = 0,
     device: str = "cpu",
     out: Path = Path("runs/eval-ctrate"),
+    batch_size: int = 4,
+    num_workers: int = 0,
+    absent_rule: AbsentRule = "not_evaluable",
 ) -> int:
     """CT-RATE zero-shot evaluation of all 18 abnormality labels.
 
@@ -205,11 +224,17 @@ def eval_ctrate(
         bootstrap: AUROC bootstrap resamples for confidence intervals (0: none).
         device: Torch device of the networks.
         out: Output folder.
+        batch_size: Crops per forward pass of the evaluation.
+        num_workers: Worker processes reading evaluation crops.
+        absent_rule: A study without the disease's anatomy: ``not_evaluable`` (left out of the
+            disease) or ``negative`` (scored as the disease's most confident negative; only
+            where the scans' field of view covers the anatomy's region).
     """
     manifest, labels = ctrate_manifest(root, split, table="chest", mask_dir=_mask_dir(root, masks))
     return _dataset_evaluation(
         manifest, labels, ckpt, name, split, cache, preprocess_config, workers, threshold,
-        bootstrap, device, out, {"dataset": "CT-RATE"},
+        bootstrap, device, out, {"dataset": "CT-RATE"}, batch_size=batch_size,
+        num_workers=num_workers, absent_rule=absent_rule,
     )  # fmt: skip
 
 
@@ -227,6 +252,9 @@ def eval_radchestct(
     bootstrap: int = 0,
     device: str = "cpu",
     out: Path = Path("runs/eval-radchestct"),
+    batch_size: int = 4,
+    num_workers: int = 0,
+    absent_rule: AbsentRule = "not_evaluable",
 ) -> int:
     """Rad-ChestCT as external test set, scored on CT-RATE's 18 labels.
 
@@ -253,6 +281,11 @@ def eval_radchestct(
         bootstrap: AUROC bootstrap resamples for confidence intervals (0: none).
         device: Torch device of the networks.
         out: Output folder.
+        batch_size: Crops per forward pass of the evaluation.
+        num_workers: Worker processes reading evaluation crops.
+        absent_rule: A study without the disease's anatomy: ``not_evaluable`` (left out of the
+            disease) or ``negative`` (scored as the disease's most confident negative; only
+            where the scans' field of view covers the anatomy's region).
     """
     manifest, labels = radchestct_manifest(
         root, split, table="chest", spacing=spacing, mask_dir=_mask_dir(root, masks)
@@ -270,6 +303,7 @@ def eval_radchestct(
         manifest.assign(split=split), labels, ckpt, name, split, cache, preprocess_config,
         workers, threshold, bootstrap, device, out, extra,
         score_merges=RADCHESTCT_CALCIFICATION_MERGE, require_report=False,
+        batch_size=batch_size, num_workers=num_workers, absent_rule=absent_rule,
     )  # fmt: skip
     if code == 0 and not_evaluable:
         print(

@@ -14,19 +14,24 @@ Rules:
       from the crop centred on its box (so the crop holds its central part, as much of it as the
       crop size allows) and flagged in ``larger_than_crop``; that crop is its own unless an
       identical crop was already planned.
+
+The CLIP baseline has no anatomies to plan for: :func:`tile_crops` covers the whole scan with
+evenly overlapping crops of the training size instead.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from fvlm.crop import BBoxes, bboxes_to_array, crop_starts_holding
+from fvlm.crop import BBoxes, bboxes_to_array, center_crop_start, crop_starts_holding
 
-__all__ = ["CropPlan", "plan_crops"]
+__all__ = ["CropPlan", "plan_crops", "tile_crops"]
 
 
 @dataclass(frozen=True)
@@ -115,3 +120,21 @@ def plan_crops(
         crop_of=crop_of,
         larger_than_crop=larger,
     )
+
+
+def tile_crops(shape: Sequence[int], crop_size: Sequence[int]) -> np.ndarray:
+    """``(K, 3)`` starts of crops of ``crop_size`` that together hold every voxel of ``shape``.
+
+    Per axis, ``ceil(size / crop)`` crops spread evenly from the first voxel to the last (they
+    overlap by equal amounts); an axis no larger than the crop gets one centred crop, padded as
+    training pads. ``K`` is the product over the axes.
+    """
+    centre = center_crop_start(shape, crop_size)
+    per_axis = []
+    for size, crop, middle in zip(shape, crop_size, centre, strict=True):
+        count = math.ceil(size / crop)
+        if count <= 1:
+            per_axis.append([int(middle)])
+        else:
+            per_axis.append(np.rint(np.linspace(0, size - crop, count)).astype(int).tolist())
+    return np.asarray(list(itertools.product(*per_axis)), dtype=np.int64).reshape(-1, 3)

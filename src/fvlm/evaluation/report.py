@@ -19,6 +19,7 @@ from fvlm.evaluation.metrics import METRIC_COLUMNS, column_definitions, threshol
 
 __all__ = [
     "comparison_table",
+    "evaluation_notes",
     "format_table",
     "log_tensorboard",
     "summary_dict",
@@ -26,6 +27,9 @@ __all__ = [
 ]
 
 _TABLE_COLUMNS = ("auroc", "balanced_acc", "sensitivity", "specificity", "precision", "f1_weighted")
+# Evaluability counts of :mod:`fvlm.evaluation.evaluability`, when the table carries them.
+_COUNT_COLUMNS = ("evaluated", "not_evaluable", "absent", "truncated", "larger_than_crop")
+_COUNT_HEADERS = ("evaluated", "not eval.", "absent", "truncated", "> crop")
 
 
 class ScalarWriter(Protocol):
@@ -55,6 +59,7 @@ def summary_dict(results: pd.DataFrame, extra: Mapping[str, object] | None = Non
         c for c in results.columns if c in (*METRIC_COLUMNS, "auroc_ci_low", "auroc_ci_high")
     ]
     diseases = [k for k in results.index if k != "macro"]
+    counts = [c for c in _COUNT_COLUMNS if c in results.columns]
     summary: dict[str, object] = {
         "threshold_method": method,
         "macro": {c: _number(macro.get(c)) for c in metrics},
@@ -62,12 +67,21 @@ def summary_dict(results: pd.DataFrame, extra: Mapping[str, object] | None = Non
         "n_diseases_in_macro": int(results.loc[diseases, "in_macro"].sum()) if diseases else 0,
         "single_class_diseases": [k for k in diseases if not bool(results.loc[k, "in_macro"])],
         "per_disease": {
-            k: {c: _number(results.loc[k, c]) for c in (*metrics, "n_pos", "n_neg")}
+            k: {c: _number(results.loc[k, c]) for c in (*metrics, "n_pos", "n_neg", *counts)}
+            | ({"scored_on": results.loc[k, "scored_on"]} if "scored_on" in results else {})
             for k in diseases
         },
         "definitions": results.attrs.get("definitions")
         or column_definitions(method, int(results.attrs.get("n_boot", 0))),
     }
+    if results.attrs.get("evaluation"):
+        summary["evaluation"] = dict(results.attrs["evaluation"])
+    if counts:
+        summary["not_evaluable"] = {
+            k: {c: _number(results.loc[k, c]) for c in counts[1:]}
+            for k in diseases
+            if (_number(results.loc[k, "not_evaluable"]) or 0) > 0
+        }
     if results.attrs.get("n_boot"):
         summary["bootstrap"] = {"n_boot": results.attrs["n_boot"], "ci": results.attrs.get("ci")}
     if extra:
@@ -91,20 +105,72 @@ def format_table(
     """
     method = results.attrs.get("threshold_method", "top-left")
     cols = [c for c in columns if c in results.columns]
+    count_cols = ["n_pos", "n_neg", *(c for c in _COUNT_COLUMNS[1:] if c in results.columns)]
+    headers = dict(zip(_COUNT_COLUMNS, _COUNT_HEADERS, strict=True))
     names = [str(k) for k in results.index]
     width = max([len("disease"), *map(len, names)])
     head = f"{'disease':<{width}}  " + "  ".join(f"{c:>12}" for c in cols)
-    head += f"  {'n_pos':>6}  {'n_neg':>6}"
+    head += "".join(f"  {headers.get(c, c):>9}" for c in count_cols)
     lines = [title] if title else []
     lines += [head, "-" * len(head)]
     for key, name in zip(results.index, names, strict=True):
         row = results.loc[key]
         cells = "  ".join(f"{_fmt(row[c], percent):>12}" for c in cols)
-        counts = "  ".join(f"{_fmt_count(row.get(c)):>6}" for c in ("n_pos", "n_neg"))
+        counts = "".join(f"  {_fmt_count(row.get(c)):>9}" for c in count_cols)
         if key == "macro":
             lines.append("-" * len(head))
-        lines.append(f"{name:<{width}}  {cells}  {counts}")
+        lines.append(f"{name:<{width}}  {cells}{counts}")
     lines.append(f"threshold: {threshold_column(method)}; ACC = balanced accuracy")
+    if len(count_cols) > 2:
+        lines.append(_count_legend(results))
+    return "\n".join(lines)
+
+
+def _count_legend(results: pd.DataFrame) -> str:
+    rule = (results.attrs.get("evaluation") or {}).get("absent_rule", "not_evaluable")
+    absent = "scored as negative" if rule == "negative" else "not evaluable"
+    return (
+        "studies: not eval. = left out of the disease (truncated, or absent under "
+        f"--absent_rule not_evaluable); absent = anatomy not in the scan ({absent}); "
+        "> crop = anatomy larger than the training crop, embedded from the crop centred on it"
+    )
+
+
+def evaluation_notes(results: Mapping[str, pd.DataFrame]) -> str:
+    """Evaluable studies per disease and forward passes per study, for the printed output.
+
+    The counts are printed once when every method has the same (they are facts of the scans and
+    the crop size), else once per method.
+    """
+    lines: list[str] = []
+    groups: list[tuple[list[str], pd.DataFrame, pd.DataFrame]] = []  # names, counts, table
+    for name, table in results.items():
+        if not all(c in table.columns for c in _COUNT_COLUMNS):
+            continue
+        counts = table.loc[[k for k in table.index if k != "macro"], list(_COUNT_COLUMNS)]
+        same = [group for group in groups if group[1].equals(counts)]
+        if same:
+            same[0][0].append(name)
+        else:
+            groups.append(([name], counts, table))
+    for names, counts, table in groups:
+        title = "Studies per disease" + ("" if len(groups) == 1 else f" ({', '.join(names)})")
+        width = max(len("disease"), *(len(str(k)) for k in counts.index))
+        head = f"{'disease':<{width}}" + "".join(f"  {h:>9}" for h in _COUNT_HEADERS)
+        lines += [title + ":", head, "-" * len(head)]
+        for key, row in counts.iterrows():
+            cells = "".join(f"  {_fmt_count(row[c]):>9}" for c in _COUNT_COLUMNS)
+            lines.append(f"{key:<{width}}{cells}")
+        lines.append(_count_legend(table))
+    for name, table in results.items():
+        passes = (table.attrs.get("evaluation") or {}).get("forward_passes_per_study")
+        if passes:
+            crop = "x".join(str(c) for c in passes["crop_size"])
+            how = "anatomy crop plan" if passes["crop_rule"] == "plan" else "crops tiling the scan"
+            lines.append(
+                f"forward passes per study, {name}: mean {passes['mean']:.2f}, max "
+                f"{passes['max']} ({how}, crop {crop} voxels, {passes['studies']} studies)"
+            )
     return "\n".join(lines)
 
 

@@ -1,9 +1,11 @@
 """Zero-shot evaluation of checkpoints on a preprocessing cache: scores, metrics and outputs.
 
 The one code path of ``fvlm evaluate``, ``eval-ctrate`` and ``eval-radchestct``: each checkpoint's
-network embeds the split's studies (:mod:`~fvlm.evaluation.embedding`), the prompts of each disease
-are scored against the anatomy's embedding (fVLM) or the global one (CLIP), and the metrics,
-tables and plots are written. Several checkpoints give one comparison table.
+network embeds the split's studies from crops of its training size
+(:mod:`~fvlm.evaluation.embedding`), the prompts of each disease are scored against the anatomy's
+embedding (fVLM) or the global one (CLIP), studies where the disease is not evaluable are left out
+(:mod:`~fvlm.evaluation.evaluability`, counted), and the metrics, tables and plots are written.
+Several checkpoints give one comparison table.
 """
 
 from __future__ import annotations
@@ -16,11 +18,18 @@ import torch
 
 from fvlm.anatomy import load_anatomy_table
 from fvlm.checkpoint import TrainedNetwork, load_network
-from fvlm.evaluation.embedding import embed_studies, network_device
+from fvlm.evaluation.ctrate import ctrate_label_map
+from fvlm.evaluation.embedding import StudyEmbeddings, embed_studies, network_device
+from fvlm.evaluation.evaluability import (
+    COUNT_COLUMNS,
+    AbsentRule,
+    Evaluability,
+    count_definitions,
+)
 from fvlm.evaluation.metrics import ThresholdMethod, evaluate_scores
 from fvlm.evaluation.plots import plot_auroc_comparison, plot_roc_curves
 from fvlm.evaluation.radchestct import merge_max_scores
-from fvlm.evaluation.report import comparison_table, write_report
+from fvlm.evaluation.report import comparison_table, evaluation_notes, write_report
 from fvlm.evaluation.zero_shot import zero_shot_scores
 from fvlm.models import load_tokenizer
 
@@ -52,21 +61,28 @@ def evaluate_checkpoint(
     n_boot: int = 0,
     device: str = "cpu",
     score_merges: Mapping[str, Sequence[str]] | None = None,
+    batch_size: int = 4,
+    num_workers: int = 0,
+    absent_rule: AbsentRule = "not_evaluable",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score one checkpoint: returns (per-disease scores ``(S, K)``, metrics table).
 
+    Scores are NaN where a study is not evaluable for a disease; the metrics table carries the
+    counts (:data:`~fvlm.evaluation.evaluability.COUNT_COLUMNS`, ``scored_on``) and, in
+    ``attrs["evaluation"]``, the forward passes per study and the rules applied.
     ``score_merges`` (CT-RATE column -> columns whose maximum scores it, see
     :func:`~fvlm.evaluation.merge_max_scores`) applies a dataset's scoring rule, such as CT-CLIP's
-    calcification rule on Rad-ChestCT, before the metrics.
+    calcification rule on Rad-ChestCT, before the metrics; the merged score is evaluable where
+    every source is.
     """
     trained = load_network(checkpoint, device)
     table = load_anatomy_table(anatomy_table)
-    studies = embed_studies(trained, cache_dir, split, table)
     diseases = [d for d in table.diseases(benchmark) if d.key in labels.columns]
     if not diseases:
         raise ValueError(
             f"no disease of table {table.name!r} (benchmark {benchmark!r}) has a labels column"
         )
+    studies = embed_studies(trained, cache_dir, split, table, batch_size, num_workers)
     network = trained.network
     mode = "global" if trained.kind == "global" else "fine"
     with torch.no_grad():
@@ -74,10 +90,38 @@ def evaluate_checkpoint(
             studies.embeddings, studies.valid, text_encoder(trained), float(network.logit_scale()),
             table, diseases, mode=mode, study_ids=studies.study_ids, output="logit",
         )  # fmt: skip
+    evaluable = Evaluability.from_status(
+        studies.status, table, diseases, studies.study_ids, mode, absent_rule
+    )
+    scores = evaluable.apply(scores)
     if score_merges:
+        key_of = ctrate_label_map(table)
         scores = merge_max_scores(scores, score_merges, table)
+        evaluable = evaluable.merge(
+            {key_of[t]: [key_of[c] for c in cols] for t, cols in score_merges.items()}
+        )
+        scores = scores.mask(evaluable.not_evaluable)
     truth = labels.set_index("study_id").loc[studies.study_ids, [d.key for d in diseases]]
-    return scores, evaluate_scores(scores, truth, threshold_method=threshold, n_boot=n_boot)
+    results = evaluate_scores(scores, truth, threshold_method=threshold, n_boot=n_boot)
+    return scores, _with_counts(results, evaluable, studies)
+
+
+def _with_counts(
+    results: pd.DataFrame, evaluable: Evaluability, studies: StudyEmbeddings
+) -> pd.DataFrame:
+    """The metrics table plus the count columns, definitions and forward passes (``attrs``)."""
+    counts = evaluable.counts()
+    for column in COUNT_COLUMNS:
+        results[column] = counts[column].reindex(results.index).astype("Int64")
+    results["scored_on"] = counts["scored_on"].reindex(results.index)
+    results.attrs["definitions"] = dict(results.attrs.get("definitions") or {}) | (
+        count_definitions(evaluable.absent_rule)
+    )
+    results.attrs["evaluation"] = {
+        "forward_passes_per_study": studies.forward_pass_summary(),
+        "absent_rule": evaluable.absent_rule,
+    }
+    return results
 
 
 def evaluate_checkpoints(
@@ -94,6 +138,9 @@ def evaluate_checkpoints(
     device: str = "cpu",
     score_merges: Mapping[str, Sequence[str]] | None = None,
     extra: Mapping[str, object] | None = None,
+    batch_size: int = 4,
+    num_workers: int = 0,
+    absent_rule: AbsentRule = "not_evaluable",
 ) -> dict[str, pd.DataFrame]:
     """Evaluate each checkpoint and write its outputs.
 
@@ -109,7 +156,7 @@ def evaluate_checkpoints(
     for name, ckpt in zip(names, checkpoints, strict=True):
         scores, table = evaluate_checkpoint(
             ckpt, cache_dir, labels, split, anatomy_table, benchmark, threshold, n_boot, device,
-            score_merges,
+            score_merges, batch_size, num_workers, absent_rule,
         )  # fmt: skip
         folder = out / name
         info = {"checkpoint": str(ckpt), "split": split} | dict(extra or {})
@@ -123,11 +170,14 @@ def evaluate_checkpoints(
     if len(results) > 1:
         plot_auroc_comparison(results, out / "auroc_comparison.png")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.txt").write_text(comparison_table(results) + "\n")
+    text = comparison_table(results) + "\n\n" + evaluation_notes(results)
+    (out / "comparison.txt").write_text(text + "\n")
     return results
 
 
 def print_results(results: Mapping[str, pd.DataFrame], out: Path) -> None:
-    """Print the comparison table and where the outputs are."""
+    """Print the comparison table, the evaluable studies and forward passes, and the outputs."""
     print(comparison_table(results))
+    print()
+    print(evaluation_notes(results))
     print(f"\nOutputs in {out}/ (per-disease CSV, JSON summary, ROC PNG, TensorBoard scalars)")

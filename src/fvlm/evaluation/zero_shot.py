@@ -17,11 +17,16 @@ exactly 1.0, and such ties would lower the AUROC although the ranking is known.
 Which image embedding a disease uses:
 
 * ``mode="fine"`` (fVLM): the embedding of the disease's anatomy. When that anatomy is not valid in
-  a study (absent, or cut by the crop), the whole-scan embedding is used for that study and counted
-  in ``attrs["fallback_to_whole_scan"]``. Whole-scan diseases (``global/...``, e.g. CT-RATE's
-  medical material and lymphadenopathy, which belong to no single anatomy) always use the
-  whole-scan embedding: the renormalised mean of the study's valid anatomy embeddings.
+  a study (absent, or cut by the crop or the field of view), the study is not evaluable for the
+  disease: its score is NaN (nothing else is substituted) and it is counted in
+  ``attrs["not_evaluable"]``; the metrics leave it out of that disease. Whole-scan diseases
+  (``global/...``, e.g. CT-RATE's medical material and lymphadenopathy, which belong to no single
+  anatomy) use the whole-scan embedding: the renormalised mean of the study's valid anatomy
+  embeddings (counted in ``attrs["whole_scan_mean"]``; NaN without any valid anatomy).
 * ``mode="global"`` (the CLIP baseline): every disease uses the one global embedding per study.
+
+:mod:`~fvlm.evaluation.evaluability` decides which anatomies are valid in an evaluation and the
+documented rule for absent ones.
 """
 
 from __future__ import annotations
@@ -180,14 +185,13 @@ def _disease_embedding(
     valid: torch.Tensor | None,
     whole: torch.Tensor,
     mode: Mode,
-) -> tuple[torch.Tensor, int]:
-    """``(S, E)`` image embeddings scored for ``disease`` and how many studies fell back."""
+) -> torch.Tensor:
+    """``(S, E)`` image embeddings scored for ``disease``; NaN rows where it is not evaluable."""
     if mode == "global" or disease.anatomy is None:
-        return whole, 0
+        return whole
     index = table.index(disease.anatomy)
-    present = valid[:, index]
-    chosen = torch.where(present[:, None], F.normalize(emb[:, index], dim=-1), whole)
-    return chosen, int((~present).sum())
+    nan = torch.full_like(whole, float("nan"))
+    return torch.where(valid[:, index, None], F.normalize(emb[:, index], dim=-1), nan)
 
 
 def _study_embeddings(
@@ -271,9 +275,11 @@ def zero_shot_scores(
             ``"logit"`` when only the ranking and thresholds matter.
 
     Returns:
-        DataFrame ``(S, K)`` with disease keys as columns. ``attrs`` holds ``mode``, ``ensemble``,
-        ``fallback_to_whole_scan`` (``{key: number of studies}``) and ``no_valid_anatomy`` (number
-        of studies without any valid anatomy; their whole-scan scores are NaN).
+        DataFrame ``(S, K)`` with disease keys as columns, NaN where a study is not evaluable for
+        a disease. ``attrs`` holds ``mode``, ``ensemble``, ``output``, ``not_evaluable``
+        (``{key: studies with a NaN score}``), ``whole_scan_mean`` (``{key: studies scored on the
+        mean of their valid anatomy embeddings}``, whole-scan diseases in ``fine`` mode) and
+        ``no_valid_anatomy`` (studies without any valid anatomy).
     """
     for name, value, allowed in (
         ("mode", mode, ("fine", "global")),
@@ -294,16 +300,17 @@ def zero_shot_scores(
     encoded = _encode(text_encode, every_text, batch_size)
 
     columns: dict[str, torch.Tensor] = {}
-    fallbacks: dict[str, int] = {}
     for disease in diseases:
         pos_texts, neg_texts = prompts[disease.key]
         pos = torch.stack([encoded[t] for t in pos_texts]).to(emb.device)
         neg = torch.stack([encoded[t] for t in neg_texts]).to(emb.device)
-        image, fallbacks[disease.key] = _disease_embedding(
-            disease, table, emb, valid_mask, whole, mode
-        )
+        image = _disease_embedding(disease, table, emb, valid_mask, whole, mode)
         logit = _prompt_logit(image, pos, neg, scale, ensemble)
         columns[disease.key] = (logit if output == "logit" else torch.sigmoid(logit)).cpu()
+    skipped = {k: int(v.isnan().sum()) for k, v in columns.items()}
+    whole_mean = {
+        d.key: len(emb) - skipped[d.key] for d in diseases if mode == "fine" and d.anatomy is None
+    }
 
     index = pd.Index(list(study_ids), name="study_id") if study_ids is not None else None
     if index is not None and len(index) != emb.shape[0]:
@@ -313,13 +320,15 @@ def zero_shot_scores(
         mode=mode,
         ensemble=ensemble,
         output=output,
-        fallback_to_whole_scan={k: n for k, n in fallbacks.items() if n},
+        not_evaluable={k: n for k, n in skipped.items() if n},
+        whole_scan_mean=whole_mean,
         no_valid_anatomy=n_empty,
     )
-    if any(fallbacks.values()) or n_empty:
+    if frame.attrs["not_evaluable"]:
         log.info(
-            "zero-shot: %d studies without any valid anatomy; whole-scan fallbacks per disease: %s",
+            "zero-shot: not evaluable (NaN score) per disease: %s; %d studies without any valid "
+            "anatomy",
+            frame.attrs["not_evaluable"],
             n_empty,
-            frame.attrs["fallback_to_whole_scan"],
         )
     return frame

@@ -1,7 +1,7 @@
 """BERT-family text encoder with per-anatomy deduplicated encoding.
 
-The text side dominates the fine-grained step (DESIGN.md "Performance design": BERT-base over 35
-anatomy texts costs ~10x the 3D ViT), and most anatomy texts of a batch are the same default
+The text side dominates the fine-grained step (BERT-base over 35 anatomy texts costs ~10x the 3D
+ViT), and most anatomy texts of a batch are the same default
 "{anatomy} shows no significant abnormalities." sentence. :meth:`TextEncoder.encode_unique`
 therefore encodes only the texts of valid (sample, anatomy) pairs, each distinct text once, padded
 only to the longest of them. :func:`text_keys` gives every text a content hash so that the loss
@@ -187,8 +187,8 @@ class TextEncoder(nn.Module):
         """Pooled backbone features ``(M, hidden)`` before the projection.
 
         With a frozen backbone the features of a text never change, so they are cached by content
-        hash (DESIGN "text cache for frozen layers"): the repeated normal descriptions and every
-        text of later epochs cost a dictionary lookup.
+        hash: the repeated normal descriptions and every text of later epochs cost a dictionary
+        lookup.
         """
         if not self.frozen:
             return self._backbone_features(input_ids, attention_mask)

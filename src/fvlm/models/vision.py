@@ -6,8 +6,8 @@ superior, axis 1 posterior -> anterior, axis 2 left -> right). The paper (A.2) g
 axial axis is the one the axial slices are stacked along (our ``D``, 5 mm spacing), the coronal axis
 runs through coronal planes (``H``, posterior -> anterior) and the sagittal axis through sagittal
 planes (``W``, left -> right). So the paper's numbers map to ``(D, H, W)`` in that order:
-``img_size=(96, 256, 384)``, ``patch_size=(16, 16, 32)``, a ``6 x 16 x 12 = 1,152`` token grid (the
-count in DESIGN.md's FLOP budget). A token then covers 80 x 16 x 32 mm.
+``img_size=(96, 256, 384)``, ``patch_size=(16, 16, 32)``, a ``6 x 16 x 12 = 1,152`` token grid. A
+token then covers 80 x 16 x 32 mm.
 
 Inflation of a 2D ImageNet/MAE ViT: the 2D image plane is mapped onto the axial plane ``(H, W)``
 (what a radiologist reads as one image), and the slice axis ``D`` is the inflated one.

@@ -28,6 +28,7 @@ from fvlm.anatomy import AnatomyTable, load_anatomy_table
 
 from .diseases import DRAWABLE
 from .geometries import Geometry, ScanGeometry, cut_by_field_of_view
+from .reports import REPORT_STYLES, ReportStyle
 from .study import PhantomStudy, synthesize_study
 
 __all__ = ["SPLITS", "assign_splits", "generate_phantom"]
@@ -129,6 +130,7 @@ def generate_phantom(
     splits: Sequence[float] = (0.7, 0.15, 0.15),
     preset: str | Path | AnatomyTable = "paper",
     progress: bool = True,
+    report_style: ReportStyle = "template",
 ) -> Path:
     """Generate ``n_studies`` synthetic CT studies with reports and disease labels.
 
@@ -156,6 +158,8 @@ def generate_phantom(
         preset: Anatomy table (preset name, YAML path or table). Its ``phantom`` diseases are
             the ``labels.csv`` columns and its keywords constrain the report wording.
         progress: Show a tqdm progress bar.
+        report_style: ``template`` (decomposable, the demo's) or ``ctrate`` (CT-RATE's
+            translated English, :mod:`fvlm.phantom.report_corpus`).
 
     Returns:
         Path of ``manifest.csv``.
@@ -165,6 +169,8 @@ def generate_phantom(
             preset, a table whose phantom diseases the phantom cannot draw).
     """
     _check_count_and_seed(n_studies, seed)
+    if report_style not in REPORT_STYLES:
+        raise ValueError(f"report_style must be one of {REPORT_STYLES}, got {report_style!r}")
     split_names = assign_splits(int(n_studies), splits, int(seed))
     table = _phantom_table(preset)
     keys = [d.key for d in table.diseases("phantom")]
@@ -177,7 +183,13 @@ def generate_phantom(
     manifest, labels, studies = [], [], []
     for index in tqdm(range(n_studies), desc="phantom", unit="study", disable=not progress):
         study = synthesize_study(
-            index, int(seed), scans.shape, scans.spacing, table, geometry=scans.name
+            index,
+            int(seed),
+            scans.shape,
+            scans.spacing,
+            table,
+            geometry=scans.name,
+            report_style=report_style,
         )
         image, mask = f"images/{study.study_id}.nii.gz", f"masks/{study.study_id}.nii.gz"
         nib.save(study.image(), out / image)

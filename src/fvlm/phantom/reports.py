@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -25,7 +26,12 @@ from fvlm.anatomy import AnatomyTable, keyword_pattern
 from .findings import Finding
 from .volume import LUNG_LOBES
 
-__all__ = ["KeywordIndex", "Report", "write_report"]
+__all__ = ["REPORT_STYLES", "KeywordIndex", "Report", "ReportStyle", "write_report"]
+
+#: ``template``: the decomposable template reports above (the demo's); ``ctrate``: translated
+#: English as CT-RATE writes it (:mod:`fvlm.phantom.report_corpus`).
+ReportStyle = Literal["template", "ctrate"]
+REPORT_STYLES: tuple[str, ...] = ("template", "ctrate")
 
 #: Normal descriptions per anatomy of the table (paper preset names).
 NORMAL: dict[str, tuple[str, ...]] = {
@@ -363,7 +369,10 @@ def _impression(
 
 
 def write_report(
-    findings: Sequence[Finding], table: AnatomyTable, rng: np.random.Generator
+    findings: Sequence[Finding],
+    table: AnatomyTable,
+    rng: np.random.Generator,
+    style: ReportStyle = "template",
 ) -> Report:
     """Findings and impression of a study with these drawn diseases.
 
@@ -371,13 +380,33 @@ def write_report(
         findings: The study's diseases as drawn (sizes and sides are reported).
         table: Anatomy table whose keywords the sentences are checked against.
         rng: The study's report random stream.
+        style: ``template`` (one anatomy per sentence, diseases only in the impression) or
+            ``ctrate`` (CT-RATE's translated English: missing and global impressions, negations,
+            window introductions, sentences naming several anatomies).
 
     Returns:
-        The report; diseased anatomies are the only anatomies its impression mentions.
+        The report; in the template style, diseased anatomies are the only anatomies its
+        impression mentions.
 
     Raises:
-        ValueError: If a disease cannot be worded without another anatomy's keyword.
+        ValueError: If a disease cannot be worded without another anatomy's keyword, or on an
+            unknown style.
     """
+    if style == "ctrate":
+        from .report_corpus import write_ctrate_report  # the corpus imports this module
+
+        region = "abdomen" if "liver" in table.names else "chest"
+        written = write_ctrate_report(findings, table, rng, region, incidental=False)
+        return Report(
+            findings=written.findings,
+            impression=written.impression,
+            sentences=tuple(
+                (s.section, s.anatomies[0] if s.anatomies else None, s.text)
+                for s in written.sentences
+            ),
+        )
+    if style != "template":
+        raise ValueError(f"report style must be one of {REPORT_STYLES}, got {style!r}")
     index = KeywordIndex(table)
     sentences: list[tuple[str, str | None, str]] = []
     diseased: dict[str, list[Finding]] = {}

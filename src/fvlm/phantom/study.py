@@ -31,7 +31,7 @@ from .geometries import (
 from .geometry import Grid
 from .hounsfield import HU, HU_CLIP, sample_hu
 from .lesions import paint_lesions
-from .reports import Report, write_report
+from .reports import Report, ReportStyle, write_report
 from .storage import Storage, to_nifti
 from .volume import paint_anatomy
 
@@ -151,6 +151,7 @@ def synthesize_study(
     table: AnatomyTable | str | Path = "paper",
     diseases: Sequence[str] | None = None,
     geometry: Geometry = "demo",
+    report_style: ReportStyle = "template",
 ) -> PhantomStudy:
     """Make study ``index`` of the phantom with seed ``seed`` (in memory; nothing is written).
 
@@ -170,6 +171,7 @@ def synthesize_study(
         geometry: What is scanned (:mod:`fvlm.phantom.geometries`): ``demo`` (the whole trunk
             squeezed into a small grid), or an adult with real extents: ``chest``, ``abdomen``,
             ``chest_abdomen_pelvis``.
+        report_style: How the report is worded (:data:`fvlm.phantom.reports.ReportStyle`).
 
     Returns:
         The study.
@@ -206,6 +208,6 @@ def synthesize_study(
         labels=canvas.labels,
         grid=grid,
         findings=drawn,
-        report=write_report(drawn, table, _rng(seed, index, "report")),
+        report=write_report(drawn, table, _rng(seed, index, "report"), report_style),
         storage=Storage.sample(_rng(seed, index, "storage")),
     )
