@@ -81,6 +81,7 @@ bench: $(STAMP) ## Benchmarks (real-size preprocessing and loader, training step
 	$(BIN)/python benchmarks/bench_loader.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_eval.py
+	$(BIN)/python benchmarks/bench_decomposition.py
 
 clean: ## Remove generated data, logs and the virtual environment
 	rm -rf data runs lightning_logs $(VENV)

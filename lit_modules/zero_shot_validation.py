@@ -8,13 +8,14 @@ embeddings are encoded once per epoch (the weights change only between epochs).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import pandas as pd
 import torch
 from torch import nn
 from torchmetrics.classification import MultilabelAUROC, MultilabelStatScores
+from torchmetrics.functional.classification import binary_auroc
+from torchmetrics.utilities import dim_zero_cat
 
 from fvlm.anatomy import AnatomyTable
 from fvlm.evaluation import zero_shot_scores
@@ -97,12 +98,22 @@ class ZeroShotAUROC(nn.Module):
         """``{disease key: AUROC}`` of diseases with both classes seen, plus ``macro``; resets."""
         stats = self.counts.compute()  # (K, 5): tp, fp, tn, fn, support
         positives, negatives = stats[:, 0] + stats[:, 3], stats[:, 1] + stats[:, 2]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*(no positive|no negative).*")
-            auroc = self.auroc.compute()
+        scored = (positives > 0) & (negatives > 0)
+        # Per disease on the (rank-synced) scores: a disease whose every study was ignored (e.g.
+        # its anatomy cut by every centre crop of a short sanity check) has nothing to score.
+        with self.auroc.sync_context():
+            scores = dim_zero_cat(self.auroc.preds) if self.auroc.preds else None
+            target = dim_zero_cat(self.auroc.target) if self.auroc.target else None
         self.auroc.reset()
         self.counts.reset()
-        scored = (positives > 0) & (negatives > 0)
-        result = {k: auroc[i] for i, k in enumerate(self.keys) if scored[i]}
-        macro = auroc[scored].mean() if scored.any() else auroc.new_tensor(float("nan"))
+        result = {}
+        for i, key in enumerate(self.keys):
+            if scored[i]:
+                keep = target[:, i] != _IGNORE
+                result[key] = binary_auroc(scores[keep, i], target[keep, i])
+        macro = (
+            torch.stack(list(result.values())).mean()
+            if result
+            else stats.new_tensor(float("nan"), dtype=torch.float32)
+        )
         return result | {"macro": macro}

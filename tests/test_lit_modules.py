@@ -235,3 +235,23 @@ def test_momentum_network_is_an_exponential_moving_average(module_args):
     for previous, live, now in rest:
         torch.testing.assert_close(now, 0.5 * previous + 0.5 * live)
     assert not any(p.requires_grad for p in ema.parameters())
+
+
+def test_validation_auroc_skips_a_disease_with_no_scored_study(paper_table) -> None:
+    """A disease whose anatomy no validation crop held has nothing to score; the rest still do."""
+    import pandas as pd
+
+    from fvlm.lit_modules.zero_shot_validation import ZeroShotAUROC
+
+    keys = [d.key for d in paper_table.diseases("phantom")][:2]
+    labels = pd.DataFrame({keys[0]: [0, 1, 0, 1], keys[1]: [0, 1, 0, 1]}, index=list("abcd"))
+    metric = ZeroShotAUROC(paper_table, labels, "minilm", "fine")
+    scores = torch.tensor([[0.0, 0.1], [0.0, 0.9], [0.0, 0.4], [0.0, 0.3]])
+    target = torch.tensor([[-1, 0], [-1, 1], [-1, 0], [-1, 1]])  # the first: all ignored
+    metric.auroc.update(scores, target)
+    metric.counts.update(scores, target)
+    result = metric.compute()
+    assert keys[0] not in result
+    assert float(result[keys[1]]) == pytest.approx(0.75)  # 3 of the 4 (pos, neg) pairs ordered
+    assert float(result["macro"]) == pytest.approx(0.75)
+    assert torch.isnan(metric.compute()["macro"])  # reset: an empty epoch gives NaN, no error
