@@ -267,3 +267,20 @@ def test_planned_crops_need_no_text(cache, monkeypatch) -> None:
     crops = PlannedCrops(cache, "test", PAPER, (8, 16, 16))
     item = crops[0]
     assert set(item) == {"image", "anatomy", "index"} and item["image"].shape == (1, 8, 16, 16)
+
+
+def test_labels_are_checked_before_the_embedding_pass() -> None:
+    import pandas as pd
+
+    from fvlm.evaluation.run import check_labels
+
+    good = pd.DataFrame({"study_id": ["a", "b"], "liver/cyst": [0, 1], "spleen/x": [1, None]})
+    check_labels(good, ["liver/cyst", "spleen/x"], ["a", "b"])
+    with pytest.raises(ValueError, match="no 'study_id' column"):
+        check_labels(good.rename(columns={"study_id": "id"}), ["liver/cyst"], ["a"])
+    with pytest.raises(ValueError, match=r"'liver/cyst'.*study 'b' has 'yes'"):
+        check_labels(good.assign(**{"liver/cyst": [0, "yes"]}), ["liver/cyst"], ["a", "b"])
+    with pytest.raises(ValueError, match=r"1 studies .* no row, e.g. \['c'\]"):
+        check_labels(good, ["liver/cyst"], ["a", "b", "c"])
+    with pytest.raises(ValueError, match="listed twice"):
+        check_labels(pd.concat([good, good]), ["liver/cyst"], ["a"])

@@ -88,7 +88,10 @@ def evaluate(
             where the scans' field of view covers the anatomy's region).
     """
     paths, names = _checkpoints(ckpt, name)
-    table = pd.read_csv(labels, dtype={"study_id": str})
+    try:
+        table = pd.read_csv(labels, dtype={"study_id": str})
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+        raise ValueError(f"{labels}: not a readable CSV ({err})") from err
     results = evaluate_checkpoints(
         paths, names, cache, table, out, split, anatomy_table, benchmark, threshold, bootstrap,
         device, batch_size=batch_size, num_workers=num_workers, absent_rule=absent_rule,

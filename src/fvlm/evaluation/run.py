@@ -32,8 +32,15 @@ from fvlm.evaluation.radchestct import merge_max_scores
 from fvlm.evaluation.report import comparison_table, evaluation_notes, write_report
 from fvlm.evaluation.zero_shot import zero_shot_scores
 from fvlm.models import load_tokenizer
+from fvlm.preprocess.cache import StudyCache
 
-__all__ = ["evaluate_checkpoint", "evaluate_checkpoints", "print_results", "text_encoder"]
+__all__ = [
+    "check_labels",
+    "evaluate_checkpoint",
+    "evaluate_checkpoints",
+    "print_results",
+    "text_encoder",
+]
 
 
 def text_encoder(trained: TrainedNetwork) -> Callable[[list[str]], torch.Tensor]:
@@ -82,6 +89,8 @@ def evaluate_checkpoint(
         raise ValueError(
             f"no disease of table {table.name!r} (benchmark {benchmark!r}) has a labels column"
         )
+    keys = [d.key for d in diseases]
+    check_labels(labels, keys, StudyCache(cache_dir).ok_studies(split))  # before the long pass
     studies = embed_studies(trained, cache_dir, split, table, batch_size, num_workers)
     network = trained.network
     mode = "global" if trained.kind == "global" else "fine"
@@ -104,6 +113,34 @@ def evaluate_checkpoint(
     truth = labels.set_index("study_id").loc[studies.study_ids, [d.key for d in diseases]]
     results = evaluate_scores(scores, truth, threshold_method=threshold, n_boot=n_boot)
     return scores, _with_counts(results, evaluable, studies)
+
+
+def check_labels(labels: pd.DataFrame, keys: Sequence[str], study_ids: Sequence[str]) -> None:
+    """Refuse a labels table that cannot score ``study_ids`` on ``keys``, naming what is wrong.
+
+    Runs before the embedding pass, so a bad labels file costs seconds, not the whole pass.
+    Values must be 0, 1 or empty (unknown); every study of the split needs a row.
+    """
+    if "study_id" not in labels.columns:
+        raise ValueError(f"labels: no 'study_id' column (columns: {list(labels.columns)[:8]})")
+    ids = labels["study_id"].astype(str)
+    duplicated = sorted(set(ids[ids.duplicated()]))
+    if duplicated:
+        raise ValueError(f"labels: study ids listed twice: {duplicated[:5]}")
+    for key in keys:
+        values = pd.to_numeric(labels[key], errors="coerce")
+        bad = labels[key].notna() & ~values.isin([0, 1])
+        if bad.any():
+            row = int(bad.to_numpy().argmax())
+            raise ValueError(
+                f"labels: column {key!r} must hold 0, 1 or nothing; study "
+                f"{ids.iloc[row]!r} has {labels[key].iloc[row]!r}"
+            )
+    missing = sorted(set(map(str, study_ids)) - set(ids))
+    if missing:
+        raise ValueError(
+            f"labels: {len(missing)} studies of the evaluated split have no row, e.g. {missing[:5]}"
+        )
 
 
 def _with_counts(
