@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import queue
 import shutil
 import sys
 import tempfile
@@ -44,6 +42,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from child_process import run_in_child  # noqa: E402
 from real_size import REAL_SHAPE, real_size_study, recipe_config, volume_bytes  # noqa: E402
 
 from fvlm.anatomy import AnatomyTable, load_anatomy_table  # noqa: E402
@@ -212,8 +211,6 @@ def measure_child(spec: dict, results: Any) -> None:
 
 def measure(side: str, recipe: str, manifest: Path, work: Path, n: int, repeats: int) -> dict:
     """Run :func:`measure_child` in a spawned process and return what it reports."""
-    context = mp.get_context("spawn")
-    results = context.Queue()
     spec = {
         "side": side,
         "recipe": recipe,
@@ -222,16 +219,7 @@ def measure(side: str, recipe: str, manifest: Path, work: Path, n: int, repeats:
         "n_studies": n,
         "repeats": repeats,
     }
-    process = context.Process(target=measure_child, args=(spec, results))
-    process.start()
-    while True:
-        try:
-            result = results.get(timeout=1.0)
-            break
-        except queue.Empty:
-            if not process.is_alive():
-                raise RuntimeError(f"{side} {recipe}: benchmark process died") from None
-    process.join(timeout=60)
+    result = run_in_child(measure_child, (spec,), f"{side} {recipe}")
     shutil.rmtree(work, ignore_errors=True)
     return result
 

@@ -20,10 +20,8 @@ allocator cache or thread pool disturbs another's timings. Usage::
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import platform
-import queue
 import resource
 import statistics
 import sys
@@ -39,6 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
+from child_process import run_in_child  # noqa: E402
 
 #: The demo's vision tower shape (configs/demo.yaml, whose three HU-window input channels only widen
 #: the patch embedding) on a smaller crop; the cache volumes are a little larger, so crops move and
@@ -210,8 +209,6 @@ def train_phase(spec: dict, batches: list[dict], results: Any) -> None:
 
 def run_phase(name: str, args: argparse.Namespace, batches: list[dict]) -> dict:
     """Train one model in a spawned process (CUDA- and OpenMP-safe, unlike fork)."""
-    context = mp.get_context("spawn")
-    results = context.Queue()
     spec = PHASES[name] | {
         "name": name,
         "device": args.device,
@@ -219,17 +216,7 @@ def run_phase(name: str, args: argparse.Namespace, batches: list[dict]) -> dict:
         "steps": args.steps,
         "warmup": args.warmup,
     }
-    process = context.Process(target=train_phase, args=(spec, batches, results))
-    process.start()
-    while True:
-        try:
-            result = results.get(timeout=1.0)
-            break
-        except queue.Empty:
-            if not process.is_alive():
-                raise RuntimeError(f"{name}: benchmark process died ({process.exitcode})") from None
-    process.join(timeout=60)
-    return result
+    return run_in_child(train_phase, (spec, batches), name)
 
 
 # -- report ------------------------------------------------------------------------------------
