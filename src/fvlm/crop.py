@@ -78,16 +78,21 @@ def bboxes_to_array(
     return array
 
 
+def _integer_boxes(bboxes: npt.ArrayLike, layout: str) -> np.ndarray:
+    """Half-open integer boxes of ``layout`` (``"A, 3, 2"`` or ``"N, A, 3, 2"``) as int64."""
+    array = np.asarray(bboxes)
+    if array.ndim != layout.count(",") + 1 or array.shape[-2:] != (3, 2):
+        raise ValueError(f"bboxes must have shape ({layout}), got {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"bboxes must be integers, got dtype {array.dtype}")
+    return array.astype(np.int64)
+
+
 def _as_bbox_array(bboxes: BBoxes, shape: np.ndarray | None) -> np.ndarray:
     """Validate boxes; a mapping is taken in its own key order (the caller's anatomy order)."""
     if isinstance(bboxes, Mapping):
         bboxes = bboxes_to_array(bboxes, list(bboxes))
-    array = np.asarray(bboxes)
-    if array.ndim != 3 or array.shape[1:] != (3, 2):
-        raise ValueError(f"bboxes must have shape (A, 3, 2), got {array.shape}")
-    if array.size and not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"bboxes must be integers, got dtype {array.dtype}")
-    array = array.astype(np.int64)
+    array = _integer_boxes(bboxes, "A, 3, 2")
     if shape is not None:
         present = _present(array)
         inside = (array[..., 0] >= 0) & (array[..., 1] <= shape)
@@ -241,12 +246,7 @@ def anatomy_aware_crop_boxes(
         (``-1`` for the fallback).
     """
     crop = _triple(crop_size, "crop_size", 1)
-    boxes = np.asarray(bboxes)
-    if boxes.ndim != 4 or boxes.shape[2:] != (3, 2):
-        raise ValueError(f"bboxes must have shape (N, A, 3, 2), got {boxes.shape}")
-    if boxes.size and not np.issubdtype(boxes.dtype, np.integer):
-        raise ValueError(f"bboxes must be integers, got dtype {boxes.dtype}")
-    boxes = boxes.astype(np.int64)
+    boxes = _integer_boxes(bboxes, "N, A, 3, 2")
     n = boxes.shape[0]
     shapes_a = np.broadcast_to(np.asarray(shapes), (n, 3))
     if not np.issubdtype(shapes_a.dtype, np.integer) or (shapes_a < 1).any():
