@@ -202,13 +202,18 @@ class StudyCache:
 
     Args:
         root: The cache folder; created on first write.
+        shard: A writer of one shard (``shard-K-of-N``, :mod:`~fvlm.preprocess.shards`): its own
+            lock, staging folder and manifest, so N machines fill one cache side by side.
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, shard: str | None = None) -> None:
         self.root = Path(root)
         self.studies = self.root / "studies"
-        self.tmp = self.root / ".tmp"
-        self.manifest_path = self.root / "manifest.csv"
+        suffix = f"-{shard}" if shard else ""
+        self.tmp = self.root / f".tmp{suffix}"
+        self._lock_name = f".lock{suffix}"
+        self._workers_lock_name = f".workers{suffix}.lock"
+        self.manifest_path = self.root / (f"manifest.{shard}.csv" if shard else "manifest.csv")
 
     # -- layout ----------------------------------------------------------------------------------
 
@@ -268,7 +273,10 @@ class StudyCache:
         """
         path = self.manifest_path
         if not path.is_file():
-            raise FileNotFoundError(f"no cache manifest at {path}; run `fvlm preprocess` first")
+            hint = "run `fvlm preprocess` first"
+            if any(self.root.glob("manifest.shard-*-of-*.csv")):
+                hint = "it was built in shards: run `fvlm merge-shards` first"
+            raise FileNotFoundError(f"no cache manifest at {path}; {hint}")
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             missing = [c for c in _REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
@@ -419,7 +427,7 @@ class StudyCache:
             CacheBusy: Another run holds the lock (the message names the cache).
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.root / self._lock_name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -438,7 +446,7 @@ class StudyCache:
     def _wait_for_orphans(self, timeout_s: float = 120.0) -> None:
         # Workers of a killed run hold this lock shared until they notice and exit (well under a
         # second, or after the study they are writing).
-        path = self.root / ".workers.lock"
+        path = self.root / self._workers_lock_name
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             deadline = time.monotonic() + timeout_s
@@ -460,7 +468,9 @@ class StudyCache:
         """Called in each worker process: marks it alive for :meth:`lock` of a later run."""
         global _worker_lock_fd
         if _worker_lock_fd is None:
-            _worker_lock_fd = os.open(self.root / ".workers.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            _worker_lock_fd = os.open(
+                self.root / self._workers_lock_name, os.O_RDWR | os.O_CREAT, 0o644
+            )
             fcntl.flock(_worker_lock_fd, fcntl.LOCK_SH)
 
     def write_study(

@@ -19,6 +19,7 @@ from fvlm.anatomy import AnatomyTable
 
 from .decomposition.llm import LLMConfig
 from .geometry import MAX_OUTPUT_VOXELS, SPACING_RANGE_MM, GeometryRule
+from .shards import Shard
 
 __all__ = ["PIPELINE_VERSION", "LLMConfig", "PreprocessConfig", "table_fingerprint"]
 
@@ -76,6 +77,9 @@ class PreprocessConfig:
         fail_on_fallback: Exit with status 4 when the LLM decomposer fell back to the keyword
             rules for any anatomy (server unusable, timeouts, unparseable answers). Such studies
             are asked again on every later run with the LLM configured, either way.
+        shard: ``K/N``: process only the studies of shard K of N (a hash of the study id), into
+            the shared ``cache`` with this shard's own manifest; run all N (e.g. a SLURM array),
+            then ``fvlm merge-shards``. ``None``: every study.
     """
 
     manifest: Path
@@ -100,6 +104,7 @@ class PreprocessConfig:
     force: bool = False
     verify: Literal["checksum", "size"] = "checksum"
     fail_on_fallback: bool = False
+    shard: str | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -143,6 +148,13 @@ class PreprocessConfig:
             )
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.shard is not None:
+            Shard.parse(self.shard)  # raises with the expected form
+
+    @property
+    def shard_spec(self) -> Shard | None:
+        """The parsed ``shard`` option."""
+        return None if self.shard is None else Shard.parse(self.shard)
 
     def settings(self, table: AnatomyTable) -> dict:
         """The settings that determine the cache content, as recorded in every ``meta.json``."""

@@ -30,7 +30,7 @@ from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -121,7 +121,8 @@ class StudyProcessor:
         self.config = config
         self.table = table
         self.decomposer = decomposer
-        self.cache = StudyCache(config.cache)
+        shard = config.shard_spec
+        self.cache = StudyCache(config.cache, shard=shard.name if shard else None)
         self.settings = config.settings(table)
         self.config_hash = config.fingerprint(table)
 
@@ -674,6 +675,10 @@ def run_preprocess(
     start = time.perf_counter()
     table = table or load_anatomy_table(config.anatomy_table)
     manifest: Manifest = read_manifest(config.manifest)
+    if (shard := config.shard_spec) is not None:
+        manifest = replace(
+            manifest, rows=[row for row in manifest.rows if shard.holds(row.study_id)]
+        )
     if config.segmenter == "precomputed" and not manifest.has_masks:
         raise ManifestError(
             f"manifest {config.manifest} has no 'mask' column, which segmenter 'precomputed' "

@@ -709,3 +709,35 @@ def test_open_ends_are_validated(tmp_path):
     bad.write_text(text.replace("open_ends: [inferior, superior]", "open_ends: [anterior]", 1))
     with pytest.raises(AnatomyTableError, match="open_ends"):
         load_anatomy_table(bad)
+
+
+def test_shards_written_apart_merge_into_the_cache_of_one_run(dataset, tmp_path, capsys):
+    from fvlm.cli import main as fvlm_main
+    from fvlm.preprocess.shards import Shard
+
+    whole, shared = tmp_path / "whole", tmp_path / "shared"
+    run_preprocess(_config(dataset, whole))
+    ids = list(_cache_rows(whole))
+    owners = [[k for k in (1, 2, 3) if Shard(k, 3).holds(i)] for i in ids]
+    assert all(len(o) == 1 for o in owners)  # each study in exactly one shard
+    assert len({o[0] for o in owners}) > 1  # and the studies are spread
+    for k in (1, 2):
+        summary = run_preprocess(_config(dataset, shared, shard=f"{k}/3"))
+        assert {r.study_id for r in summary.results} == {
+            i for i, o in zip(ids, owners, strict=True) if o == [k]
+        }
+    merge = ["merge-shards", "--manifest", str(dataset), "--cache", str(shared)]
+    assert fvlm_main(merge) == 2  # shard 3/3 has not run
+    assert "3/3 have not finished" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="merge-shards"):
+        StudyCache(shared).read_manifest()
+    run_preprocess(_config(dataset, shared, shard="3/3"))
+    assert fvlm_main(merge) == 0
+    assert _cache_rows(shared) == _cache_rows(whole)  # same rows, same order
+    studies = [f for f in _cache_files(whole) if f.startswith("studies/")]
+    assert studies == [f for f in _cache_files(shared) if f.startswith("studies/")]
+    for name in studies:
+        if name.endswith(".npy"):
+            assert filecmp.cmp(whole / name, shared / name, shallow=False), name
+    with pytest.raises(ValueError, match="K/N"):
+        _config(dataset, shared, shard="4/3")

@@ -70,6 +70,11 @@ COMMANDS: tuple[Command, ...] = (
         configs="preprocess",
     ),
     Command(
+        "merge-shards",
+        "fvlm.preprocess.shards:merge_shards",
+        "Write a cache's manifest.csv from the manifests of its `preprocess --shard K/N` runs.",
+    ),
+    Command(
         "verify-cache",
         "fvlm.preprocess.cache:verify_cache",
         "Check a preprocessing cache's files against their recorded sizes and checksums.",
