@@ -16,7 +16,7 @@ PREPROCESS_CONFIG ?= configs/preprocess/phantom.yaml
 WORKERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-slow lint format phantom preprocess train-demo eval-demo demo bench eval-ctrate eval-radchestct clean
+.PHONY: help venv test test-slow lint format phantom preprocess train-demo eval-demo demo ablation bench eval-ctrate eval-radchestct clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -68,6 +68,9 @@ demo: ## Install, make phantom data, preprocess, train fVLM + CLIP, evaluate, pr
 	$(MAKE) --no-print-directory phantom preprocess train-demo eval-demo && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s; plots and tables in runs/demo/eval/"
 
+ablation: preprocess ## The paper's ablations on the phantom (Tab. 4, 5, 1; ~45 min on 2 cores; resumable)
+	$(BIN)/fvlm ablation --config configs/ablation.yaml --cache $(CACHE) --labels $(DATA)/labels.csv
+
 eval-ctrate: $(STAMP) ## CT-RATE zero-shot evaluation: make eval-ctrate CTRATE=<dir> CKPT=<ckpt> [MASKS=<dir>]
 	@test -n "$(CTRATE)" -a -n "$(CKPT)" || { echo "usage: make eval-ctrate CTRATE=<CT-RATE dir> CKPT=<checkpoint> [MASKS=<TotalSegmentator maps>]"; exit 2; }
 	$(BIN)/fvlm eval-ctrate --root $(CTRATE) --ckpt $(CKPT) --cache $(or $(CTRATE_CACHE),data/cache/ctrate) --out runs/eval-ctrate $(if $(MASKS),--masks $(MASKS))
@@ -82,6 +85,9 @@ bench: $(STAMP) ## Benchmarks (real-size preprocessing and loader, training step
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_eval.py
 	$(BIN)/python benchmarks/bench_decomposition.py
+
+bench-gpu: $(STAMP) ## Paper-shape bf16 steps on a GPU: step time, memory, TFLOP/s, MFU, loader balance
+	$(BIN)/python benchmarks/bench_gpu.py --shape paper --json runs/bench_gpu.json
 
 clean: ## Remove generated data, logs and the virtual environment
 	rm -rf data runs lightning_logs $(VENV)
