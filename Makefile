@@ -16,7 +16,7 @@ PREPROCESS_CONFIG ?= configs/preprocess/phantom.yaml
 WORKERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-slow lint format phantom preprocess train-demo eval-demo demo ablation bench eval-ctrate eval-radchestct clean
+.PHONY: help venv test test-slow lint format phantom preprocess train-demo eval-demo demo ablation bench bench-gpu eval-ctrate eval-radchestct clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
