@@ -25,6 +25,7 @@ from fvlm.models import (
     token_membership,
 )
 from fvlm.models.intensity_windows import IntensityWindows, check_source_window
+from fvlm.models.text import length_buckets
 from fvlm.models.vision import inflate_patch_kernel, inflate_position_embedding
 
 A = 5  # anatomies in the tiny batches
@@ -640,3 +641,38 @@ def test_trainable_layers_freezes_all_but_the_last(bert: BertFactory) -> None:
     assert not encoder.frozen
     with pytest.raises(ValueError, match="trainable_layers"):
         TextEncoder(config=bert(), embed_dim=8, trainable_layers=2)
+
+
+def test_length_buckets_bound_the_padding_and_cover_every_text() -> None:
+    rng = torch.Generator().manual_seed(0)
+    # normal sentences of ~12 tokens and findings of 20-120 tokens, as a batch's unique texts
+    lengths = [12] * 10 + torch.randint(20, 121, (60,), generator=rng).tolist()
+    groups = length_buckets(lengths, max_waste=1.25, min_size=8)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+    one_group = len(lengths) * max(lengths)
+    assert padded <= 1.3 * sum(lengths) < 0.75 * one_group  # vs padding all to the longest
+    for group in groups[:-1]:  # closed groups: at least min_size and within the bound
+        longest = max(lengths[i] for i in group)
+        assert len(group) >= 8 and len(group) * longest <= 1.25 * sum(lengths[i] for i in group)
+    assert length_buckets([5, 3], min_size=8) == [[1, 0]]  # too few to split
+
+
+def test_packed_encoding_equals_padding_to_the_longest(bert: BertFactory) -> None:
+    torch.manual_seed(0)
+    encoder = TextEncoder(config=bert(), embed_dim=E).eval()
+    encoder.min_bucket_texts = 2
+    lengths = [3, 3, 4, 12, 13, 30, 31]
+    ids = torch.zeros(len(lengths), 32, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(1, 100, (n,))
+        mask[row, :n] = 1
+    widths: list[int] = []
+    encoder.backbone.register_forward_hook(
+        lambda module, args, kwargs, output: widths.append(kwargs["input_ids"].shape[1]),
+        with_kwargs=True,
+    )
+    packed = encoder.encode_packed(ids, mask)
+    assert len(widths) > 1 and max(widths) == 31 and min(widths) < 31  # several groups
+    torch.testing.assert_close(packed, encoder(ids, mask), atol=1e-5, rtol=0)

@@ -3,14 +3,15 @@
 The text side dominates the fine-grained step (BERT-base over 35 anatomy texts costs ~10x the 3D
 ViT), and most anatomy texts of a batch are the same default
 "{anatomy} shows no significant abnormalities." sentence. :meth:`TextEncoder.encode_unique`
-therefore encodes only the texts of valid (sample, anatomy) pairs, each distinct text once, padded
-only to the longest of them. :func:`text_keys` gives every text a content hash so that the loss
-can treat identical texts as positives, also across DDP ranks (where object identity means
-nothing).
+therefore encodes only the texts of valid (sample, anatomy) pairs, each distinct text once, in
+groups of similar length each padded to its own longest (:func:`length_buckets`).
+:func:`text_keys` gives every text a content hash so that the loss can treat identical texts as
+positives, also across DDP ranks (where object identity means nothing).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -26,6 +27,7 @@ __all__ = [
     "MINILM",
     "TextEncoder",
     "TextPooling",
+    "length_buckets",
     "load_tokenizer",
     "resolve_text_model",
     "text_keys",
@@ -95,6 +97,39 @@ def text_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Te
     return key
 
 
+def length_buckets(
+    lengths: Sequence[int], max_waste: float = 1.25, min_size: int = 8
+) -> list[list[int]]:
+    """Indices of texts grouped by length so that padding each group to its longest is cheap.
+
+    Texts are taken shortest first; a group is closed before a text that would make its padded
+    tokens (size x longest) exceed ``max_waste`` x its real tokens, once it holds ``min_size``
+    texts (fewer, larger groups keep the device busy). Right padding assumed (attended tokens
+    first), as BERT tokenizers pad.
+
+    Args:
+        lengths: Attended tokens per text.
+        max_waste: Bound on padded / real tokens of a group (of ``min_size`` or more texts).
+        min_size: Smallest group that may be closed.
+
+    Returns:
+        Groups of indices into ``lengths``, each sorted by length; together every index once.
+    """
+    groups: list[list[int]] = []
+    group: list[int] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        length = max(int(lengths[i]), 1)
+        if len(group) >= min_size and (len(group) + 1) * length > max_waste * (real + length):
+            groups.append(group)
+            group, real = [], 0
+        group.append(i)
+        real += length
+    if group:
+        groups.append(group)
+    return groups
+
+
 @lru_cache(maxsize=64)
 def _powers(base: int, modulus: int, length: int) -> torch.Tensor:
     values = [1] * max(length, 1)
@@ -156,6 +191,8 @@ class TextEncoder(nn.Module):
         self._feature_cache: dict[int, torch.Tensor] = {}
         self.deduplicate = True
         self.max_cached_texts = 1_000_000
+        self.max_padding_waste = 1.25
+        self.min_bucket_texts = 8
         if trainable_layers is not None:
             self._freeze_all_but(trainable_layers)
         if self.frozen:
@@ -265,6 +302,27 @@ class TextEncoder(nn.Module):
         order = torch.arange(rows.numel(), device=ids.device)
         first = torch.full((n_unique,), rows.numel(), device=ids.device, dtype=torch.long)
         first = first.scatter_reduce(0, inverse, order, reduce="amin")
-        encoded = self(ids[first], mask[first])
+        encoded = self.encode_packed(ids[first], mask[first])
         out = out.index_put((rows,), encoded[inverse])
         return out.view(*lead, -1), keys.view(lead)
+
+    def encode_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` over texts grouped by length, each group padded to its own longest.
+
+        One short normal sentence and one long finding padded together cost two long texts;
+        :func:`length_buckets` keeps the padded tokens within :attr:`max_padding_waste` of the
+        real ones, so the text tower's FLOPs follow the texts' own lengths.
+        """
+        lengths = attention_mask.sum(-1).tolist()
+        buckets = length_buckets(lengths, self.max_padding_waste, self.min_bucket_texts)
+        if len(buckets) == 1:
+            width = max(max(lengths), 1)
+            return self(input_ids[:, :width], attention_mask[:, :width])
+        out = torch.empty(len(lengths), self.proj.out_features, device=input_ids.device)
+        for bucket in buckets:
+            width = max(max(lengths[i] for i in bucket), 1)
+            index = torch.tensor(bucket, device=input_ids.device)
+            out = out.index_put(
+                (index,), self(input_ids[index, :width], attention_mask[index, :width])
+            )
+        return out
