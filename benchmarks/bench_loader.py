@@ -8,21 +8,28 @@ enough batches for every worker; crops are drawn at random, so copies give diffe
 crop, table and text limit are the training recipe's (``configs/fvlm.yaml``, with
 ``configs/ctrate.yaml`` on top for chest); the tokenizer is the offline MiniLM one.
 
-Measured, per recipe:
+Two read paths are measured in the same process, on the same cache and draws:
+
+* ``float32 on CPU``: the crop read through the memory map and converted to float32 and padded
+  on the CPU while copying (``fvlm.crop.crop_array``, what the loader did before);
+* ``float16, device``: today's loader (``fvlm.data_modules.crop_read``): the crop's rows read
+  with ``preadv`` in the cache dtype, padding left to the device (``finish_crops``, timed apart
+  on the CPU: what a CPU-only run pays for it, a GPU pays instead on a GPU machine).
+
+Measured, per recipe and path:
 
 * **samples/s** of the training ``DataLoader`` with 0 and 2 workers, steady state (the first
   batch, i.e. worker start-up, excluded), page cache warm; with 0 workers also the CPU seconds
-  per sample (``time.process_time``);
+  per sample (``time.process_time``), loading and collation;
 * **bytes read per sample** from storage, cold: before each sample the cache files are dropped
   from the page cache (``os.posix_fadvise(POSIX_FADV_DONTNEED)``, which needs no root and works
   because no process maps them then), and ``read_bytes`` of ``/proc/self/io`` counts what the
   sample made the kernel read, readahead included. It is set against the crop's own bytes (the
   voxels of the crop inside the volume, image + anatomy map, in the cache's dtypes) and against
-  the bytes of the 4 KiB pages the crop's rows span (the least a page-granular memory map can
-  read);
+  the bytes of the 4 KiB pages the crop's rows span (the least a page-granular read can get);
 * where a sample's time goes (warm), by step of ``CachedStudyDataset.__getitem__``.
 
-    python benchmarks/bench_loader.py                  # chest and abdomen, 1-3 min on 2 cores
+    python benchmarks/bench_loader.py                  # chest and abdomen, 2-4 min on 2 cores
     python benchmarks/bench_loader.py --quick          # coarse cache and crop: smoke run
     python benchmarks/bench_loader.py --cache C --recipes chest   # an existing cache
 """
@@ -37,7 +44,8 @@ import tempfile
 import textwrap
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +60,9 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from real_size import phantom_studies, recipe_config  # noqa: E402
 
+from fvlm import crop  # noqa: E402
 from fvlm.config_files import resolve_config  # noqa: E402
+from fvlm.data_modules.collate import finish_crops  # noqa: E402
 
 PAGE = 4096
 
@@ -128,6 +138,39 @@ def make_data(cache: Path, data: dict, batch_size: int, num_workers: int, crop: 
     return module
 
 
+# -- the two read paths ------------------------------------------------------------------------
+
+PATHS = ("float32 on CPU", "float16, device")
+
+
+@contextmanager
+def read_path(dataset: Any, path: str) -> Iterator[None]:
+    """Serve ``dataset``'s crops through ``path``: today's reader, or the float32 CPU copy.
+
+    The float32 path is the reader as it was: ``crop_array`` allocates the float32 crop, fills
+    it with the padding, converts the memory-mapped float16 voxels into it; the anatomy map is
+    copied likewise. Its extent is the whole crop, so ``finish_crops`` has nothing left to pad.
+    """
+    if path == PATHS[1]:
+        yield
+        return
+
+    def read_crop(
+        image: np.ndarray, labels: np.ndarray, start: Any, flip: Any = (), out: Any = None
+    ) -> tuple:
+        size = dataset.crop_size
+        out = crop.crop_array(image, start, size, pad_value=0.0, dtype=np.float32, flip=flip)
+        anatomy = crop.crop_array(labels, start, size, pad_value=0, flip=flip)
+        whole = np.array([[0, c] for c in size], dtype=np.int64)
+        return out, anatomy if dataset._lut_is_identity else dataset._lut[anatomy], whole
+
+    dataset.read_crop = read_crop
+    try:
+        yield
+    finally:
+        del dataset.read_crop
+
+
 # -- throughput --------------------------------------------------------------------------------
 
 
@@ -160,6 +203,21 @@ def _read_bytes() -> int:
             if line.startswith("read_bytes:"):
                 return int(line.split()[1])
     raise KeyError("read_bytes")
+
+
+def warm_page_cache(dataset: Any) -> None:
+    """Read the cache's ``.npy`` files once, so both paths start from a warm page cache.
+
+    The cold-read measurement drops them; without this the path timed after it would pay the
+    storage reads the other did not.
+    """
+    inodes = set()
+    for path in sorted(dataset.cache.studies.glob("*/*.npy")):
+        if path.stat().st_ino not in inodes:
+            inodes.add(path.stat().st_ino)
+            with open(path, "rb") as handle:
+                while handle.read(2**24):
+                    pass
 
 
 def _drop_from_page_cache(paths: Iterable[Path]) -> None:
@@ -233,8 +291,12 @@ def cold_reads(dataset: Any, samples: int) -> dict:
 
 def sample_profile(
     dataset: Any, samples: int, collate: Callable
-) -> tuple[dict[str, float], float, float]:
-    """Seconds per sample by step of ``__getitem__`` (warm), its total, and collation's share."""
+) -> tuple[dict[str, float], float, float, float]:
+    """Seconds per sample: by step of ``__getitem__`` (warm), its total, collation, finishing.
+
+    Finishing (``finish_crops``: float32 and padding) runs on the CPU here; in training it runs
+    on the accelerator, after the batch's transfer.
+    """
     from fvlm.data_modules import study_dataset
 
     clock: dict[str, float] = defaultdict(float)
@@ -251,16 +313,12 @@ def sample_profile(
 
         return wrapper
 
-    crop_array = study_dataset.crop_array
+    def crop_label(array: np.ndarray, *args: Any, **kwargs: Any) -> str:
+        return "crop image" if array.dtype.kind == "f" else "crop anatomy map"
+
     patches = {
-        (study_dataset, "crop_array"): timed(
-            crop_array,
-            lambda *a, **k: (
-                "crop image (copy, float16 -> float32, pad)"
-                if k.get("dtype") is not None
-                else "crop anatomy map"
-            ),
-        ),
+        (study_dataset, "read_crop_window"): timed(study_dataset.read_crop_window, crop_label),
+        (crop, "crop_array"): timed(crop.crop_array, crop_label),
         (dataset, "_tokenize"): timed(dataset._tokenize, "tokenise texts and report"),
         (dataset, "choose_crop"): timed(dataset.choose_crop, "choose crop"),
         (dataset.cache, "study_meta"): timed(dataset.cache.study_meta, "read meta.json"),
@@ -275,22 +333,26 @@ def sample_profile(
         clock.clear()
         items = []
         start = time.perf_counter()
-        for i in range(samples):
-            torch.manual_seed(1000 + i)
-            items.append(dataset[i % len(dataset)])
+        with dataset.batched(samples):  # as the loader reads a batch
+            for i in range(samples):
+                torch.manual_seed(1000 + i)
+                items.append(dataset[i % len(dataset)])
         total = (time.perf_counter() - start) / samples
     finally:
         for (owner, name), function in saved.items():
-            if owner is study_dataset:
+            if owner in (study_dataset, crop):
                 setattr(owner, name, function)
             else:
                 delattr(owner, name)
     start = time.perf_counter()
-    collate(items)
+    batch = collate(items)
+    collated = time.perf_counter()
+    finish_crops(batch)
     return (
         {k: v / samples for k, v in clock.items()},
         total,
-        (time.perf_counter() - start) / samples,
+        (collated - start) / samples,
+        (time.perf_counter() - collated) / samples,
     )
 
 
@@ -298,71 +360,102 @@ def sample_profile(
 
 
 def run_recipe(name: str, args: argparse.Namespace, work: Path) -> dict:
-    """Build (or take) the cache and measure everything for one recipe."""
+    """Build (or take) the cache and measure both read paths for one recipe."""
     recipe = RECIPES[name]
     data = training_data(recipe)
-    crop = (8, 24, 24) if args.quick else tuple(int(c) for c in data["crop_size"])
+    size = (8, 24, 24) if args.quick else tuple(int(c) for c in data["crop_size"])
     start = time.perf_counter()
     cache = args.cache or build_cache(work / name, recipe, args.studies, args.copies, args.quick)
-    setup_s = time.perf_counter() - start
-    result: dict[str, Any] = {"crop": crop, "setup_s": setup_s, "rates": {}, "table": None}
-    for workers in (0, 2):
-        module = make_data(cache, data, args.batch_size, workers, crop)
-        loader = module.train_dataloader()
-        rate, cpu = loader_throughput(loader, args.batches)
-        result["rates"][workers] = rate
-        if workers == 0:
-            result["cpu"] = cpu
+    result: dict[str, Any] = {"crop": size, "setup_s": time.perf_counter() - start, "paths": {}}
+    for path in PATHS:
+        measured: dict[str, Any] = {"rates": {}}
+        for workers in (0, 2):
+            module = make_data(cache, data, args.batch_size, workers, size)
             dataset = module.datasets["train"]
-            result["table"] = dataset.table.name
-            result["shape"] = dataset.cache.study_meta(dataset.study_ids[0])["shape"]
-            result["bytes"] = cold_reads(dataset, args.samples)
-            result["profile"], result["per_sample"], result["collate"] = sample_profile(
-                dataset, args.samples, loader.collate_fn
-            )
+            with read_path(dataset, path):  # workers fork after this: they inherit the path
+                warm_page_cache(dataset)
+                loader = module.train_dataloader()
+                rate, cpu = loader_throughput(loader, args.batches)
+                measured["rates"][workers] = rate
+                if workers:
+                    continue
+                measured["cpu"] = cpu
+                result["table"] = dataset.table.name
+                result["shape"] = dataset.cache.study_meta(dataset.study_ids[0])["shape"]
+                measured["bytes"] = cold_reads(dataset, args.samples)
+                warm_page_cache(dataset)
+                (
+                    measured["profile"],
+                    measured["per_sample"],
+                    measured["collate"],
+                    measured["finish"],
+                ) = sample_profile(dataset, args.samples, loader.collate_fn)
+        result["paths"][path] = measured
     return result
 
 
 def report(results: dict[str, dict], batch_size: int) -> str:
-    """The table and per-sample profiles, as printed."""
+    """The table, the ratios against the targets and per-sample profiles, as printed."""
     mib = 2**20
     lines = [
-        f"{'recipe':<9}{'crop':>14}{'cache study':>16}{'0 workers':>11}{'2 workers':>11}"
-        f"{'CPU ms':>8}{'read MiB':>10}{'crop MiB':>10}{'read/crop':>11}{'pages/crop':>12}",
-        f"{'':<9}{'':>14}{'':>16}{'samples/s':>11}{'samples/s':>11}{'/sample':>8}"
-        f"{'/sample':>10}{'':>10}",
+        f"{'recipe':<9}{'path':<17}{'crop':>14}{'0 workers':>11}{'2 workers':>11}"
+        f"{'CPU ms':>8}{'finish':>8}{'read MiB':>10}{'crop MiB':>10}{'read/crop':>11}"
+        f"{'pages/crop':>12}",
+        f"{'':<9}{'':<17}{'':>14}{'samples/s':>11}{'samples/s':>11}{'/sample':>8}"
+        f"{'ms':>8}{'/sample':>10}",
     ]
     for name, r in results.items():
-        b = r["bytes"]
-        lines.append(
-            f"{name:<9}{'x'.join(map(str, r['crop'])):>14}{'x'.join(map(str, r['shape'])):>16}"
-            f"{r['rates'][0]:>11.1f}{r['rates'][2]:>11.1f}{r['cpu'] * 1e3:>8.0f}"
-            f"{b['read'] / mib:>10.1f}{b['crop'] / mib:>10.1f}{b['read'] / b['crop']:>10.2f}x"
-            f"{b['span'] / b['crop']:>11.2f}x"
-        )
+        for path, m in r["paths"].items():
+            b = m["bytes"]
+            lines.append(
+                f"{name:<9}{path:<17}{'x'.join(map(str, r['crop'])):>14}"
+                f"{m['rates'][0]:>11.1f}{m['rates'][2]:>11.1f}{m['cpu'] * 1e3:>8.0f}"
+                f"{m['finish'] * 1e3:>8.0f}{b['read'] / mib:>10.1f}{b['crop'] / mib:>10.1f}"
+                f"{b['read'] / b['crop']:>10.2f}x{b['span'] / b['crop']:>11.2f}x"
+            )
     legend = (
-        f"batch {batch_size}; read = bytes the kernel read per sample from a cold page cache "
-        "(readahead included); crop = the crop's voxels inside the volume (image float16 + "
-        "anatomy uint8); pages = 4 KiB pages its rows span; a whole study is "
-        + ", ".join(f"{n} {r['bytes']['files'] / mib:.0f} MiB" for n, r in results.items())
+        f"batch {batch_size}; CPU ms = loading and collating a sample (0 workers); finish = "
+        "float32 conversion and padding of a sample (finish_crops) timed on this CPU, done on "
+        "the accelerator in training; read = bytes the kernel read per sample from a cold page "
+        "cache (readahead included); crop = the crop's voxels inside the volume (image float16 "
+        "+ anatomy uint8); pages = 4 KiB pages its rows span; cache studies "
+        + ", ".join(
+            f"{n} {'x'.join(map(str, r['shape']))} "
+            f"({r['paths'][PATHS[0]]['bytes']['files'] / mib:.0f} MiB)"
+            for n, r in results.items()
+        )
     )
     lines += [
         "",
         *textwrap.wrap(legend, 100),
         "",
-        "where a sample's time goes (0 workers, warm page cache, ms per sample)",
+        "ratios (targets: CPU >= 3x lower, read <= 1.2x the crop)",
     ]
     for name, r in results.items():
-        total = r["per_sample"]
-        steps = r["profile"] | {
-            "other (crop validity, texts, tensors)": total - sum(r["profile"].values())
-        }
+        before, after = (r["paths"][p] for p in PATHS)
+        cpu = before["cpu"] / after["cpu"]
+        read = after["bytes"]["read"] / after["bytes"]["crop"]
         lines.append(
-            f"  {name}: total {total * 1e3:.0f} ms in __getitem__, then "
-            f"{r['collate'] * 1e3:.0f} ms per sample to collate a batch"
+            f"  {name:<8} CPU per sample {cpu:.2f}x lower: {'met' if cpu >= 3 else 'MISSED'}; "
+            f"read {read:.2f}x the crop: {'met' if read <= 1.2 else 'MISSED'}; samples/s "
+            f"{after['rates'][0] / before['rates'][0]:.2f}x (0 workers), "
+            f"{after['rates'][2] / before['rates'][2]:.2f}x (2 workers)"
         )
-        for label, seconds in sorted(steps.items(), key=lambda item: -item[1]):
-            lines.append(f"    {label:<44}{seconds * 1e3:7.1f} ms {100 * seconds / total:5.1f} %")
+    lines += ["", "where a sample's time goes (0 workers, warm page cache, ms per sample)"]
+    for name, r in results.items():
+        for path, m in r["paths"].items():
+            total = m["per_sample"]
+            steps = m["profile"] | {
+                "other (crop validity, texts, tensors)": total - sum(m["profile"].values())
+            }
+            lines.append(
+                f"  {name}, {path}: total {total * 1e3:.0f} ms in __getitem__, then "
+                f"{m['collate'] * 1e3:.0f} ms per sample to collate a batch"
+            )
+            for label, seconds in sorted(steps.items(), key=lambda item: -item[1]):
+                lines.append(
+                    f"    {label:<44}{seconds * 1e3:7.1f} ms {100 * seconds / total:5.1f} %"
+                )
     return "\n".join(lines)
 
 
@@ -399,9 +492,13 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.recipes:
             results[name] = run_recipe(name, args, Path(tmp))
             r = results[name]
+            rates = "; ".join(
+                f"{path} {m['rates'][0]:.1f} / {m['rates'][2]:.1f}"
+                for path, m in r["paths"].items()
+            )
             print(
-                f"  {name}: cache made in {r['setup_s']:.0f} s (table {r['table']}); "
-                f"{r['rates'][0]:.1f} / {r['rates'][2]:.1f} samples/s with 0 / 2 workers",
+                f"  {name}: cache made in {r['setup_s']:.0f} s (table {r['table']}); samples/s "
+                f"with 0 / 2 workers: {rates}",
                 flush=True,
             )
     print()

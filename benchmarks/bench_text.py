@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections import Counter
 import sys
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

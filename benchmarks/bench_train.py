@@ -5,6 +5,8 @@ demo's 3D ViT, the real MiniLM text encoder) this prints:
 
 * fine-grained step time / global-CLIP step time (forward + backward + AdamW step, median over
   ``--steps`` steps after ``--warmup`` warm-up steps, on the same batches);
+* co-teaching optimiser step / fine-grained step: the student's step plus its partner's
+  soft-target forward (eval mode, no gradient), the two networks alternating, after the burn-in;
 * the text-deduplication speed-up: the fine-grained step encoding every valid anatomy text
   versus each distinct text once (what ``TextEncoder.encode_unique`` does);
 * data-loader throughput (0 and 2 workers) / training-step throughput, in samples per second;
@@ -58,6 +60,7 @@ PHASES = {
     "fine-grained": {"kind": "fine_grained", "dedup": True},
     "fine-grained, no dedup": {"kind": "fine_grained", "dedup": False},
     "global CLIP": {"kind": "global", "dedup": True},
+    "co-teaching": {"kind": "co_teaching", "dedup": True},
 }
 
 
@@ -152,7 +155,7 @@ def train_phase(spec: dict, batches: list[dict], results: Any) -> None:
         torch.set_num_threads(spec["threads"])
     from transformers.utils import logging as hf_logging
 
-    from fvlm.lit_modules import FineGrainedCLIPModule, GlobalCLIPModule
+    from fvlm.lit_modules import CoTeachingModule, FineGrainedCLIPModule, GlobalCLIPModule
     from fvlm.models import VisionConfig
 
     hf_logging.disable_progress_bar()
@@ -163,6 +166,8 @@ def train_phase(spec: dict, batches: list[dict], results: Any) -> None:
     common = {"num_anatomies": 35, "vision": VisionConfig(**VISION), "embed_dim": EMBED_DIM}
     if spec["kind"] == "global":
         module = GlobalCLIPModule(**common)
+    elif spec["kind"] == "co_teaching":
+        module = CoTeachingModule(**common, anatomy_reduction="mean")
     else:
         module = FineGrainedCLIPModule(**common, anatomy_reduction="mean")
     module = module.to(device).train()
@@ -171,22 +176,27 @@ def train_phase(spec: dict, batches: list[dict], results: Any) -> None:
         text.deduplicate = False
     encoded: list[int] = []
     text.register_forward_hook(lambda _m, args, _out: encoded.append(args[0].numel()))
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.05)
+    networks = getattr(module, "networks", [module])
+    optimizers = [torch.optim.AdamW(n.parameters(), lr=1e-4, weight_decay=0.05) for n in networks]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     times, tokens = [], []
     for i in range(spec["warmup"] + spec["steps"]):
-        batch = _to(batches[i % len(batches)], device)
+        # As Lightning after its transfer: the module finishes the crops on the device.
+        batch = module.on_after_batch_transfer(_to(batches[i % len(batches)], device), 0)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         encoded.clear()
         start = time.perf_counter()
-        out = module(batch)
-        loss = module.contrastive_loss(out)["loss"]
-        optimizer.zero_grad(set_to_none=True)
+        k = i % len(optimizers)  # co-teaching: the networks alternate, each taught by the other
+        if spec["kind"] == "co_teaching":
+            loss = module.network_loss(k, batch, teach=True)[0]["loss"]
+        else:
+            loss = module.contrastive_loss(module(batch))["loss"]
+        optimizers[k].zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        optimizers[k].step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= spec["warmup"]:
@@ -253,6 +263,12 @@ def report(args: argparse.Namespace, phases: dict[str, dict], loaders: dict[int,
         else fine["peak_mib"] / clip["peak_mib"]
     )
     tokens = plain["text_tokens"] / fine["text_tokens"]
+    cot = phases["co-teaching"]
+    cot_memory = (
+        (cot["peak_mib"] - cot["base_mib"]) / (fine["peak_mib"] - fine["base_mib"])
+        if not cuda and fine["base_mib"] is not None
+        else cot["peak_mib"] / fine["peak_mib"]
+    )
     ratios = [
         ("fine-grained step / global-CLIP step", f"{fine['step_s'] / clip['step_s']:.2f}x"),
         (
@@ -263,6 +279,14 @@ def report(args: argparse.Namespace, phases: dict[str, dict], loaders: dict[int,
         (
             "peak memory fine-grained / global CLIP",
             f"{memory_ratio:.2f}x" + ("" if cuda else " (training increments)"),
+        ),
+        (
+            "co-teaching / fine-grained optimiser step",
+            f"{cot['step_s'] / fine['step_s']:.2f}x (target <= 1.5x)",
+        ),
+        (
+            "peak memory co-teaching / fine-grained",
+            f"{cot_memory:.2f}x" + ("" if cuda else " (training increments)"),
         ),
     ]
     lines += ["", "ratios"] + [f"  {label:<45}{value}" for label, value in ratios]

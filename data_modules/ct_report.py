@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fvlm.anatomy import AnatomyTable, load_anatomy_table
@@ -23,11 +23,31 @@ from fvlm.preprocess.cache import StudyCache
 from .collate import collate_studies
 from .study_dataset import CachedStudyDataset
 
-__all__ = ["CTReportDataModule", "CropCheck", "EpochSampler", "LazyLoader", "SeededItems", "Split"]
+__all__ = [
+    "CTReportDataModule",
+    "CropCheck",
+    "EpochSampler",
+    "LazyLoader",
+    "SeededItems",
+    "Split",
+    "stream_seed",
+]
 
 Split = Literal["train", "val", "test"]
 #: What ``fit`` does about disease-carrying anatomies the training crop rarely holds whole.
 CropCheck = Literal["warn", "strict", "off"]
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """The sampler seed of training stream ``stream``: ``seed`` itself for stream 0.
+
+    Co-teaching's second network iterates the data in its own order with its own crops and flips
+    (Sec. 3.3). Its seed is drawn from ``(seed, stream)`` rather than ``seed + stream``, so that two
+    runs with neighbouring seeds (an ablation's two seeds per row) share no stream.
+    """
+    if stream == 0:
+        return int(seed)
+    return int(np.random.SeedSequence((int(seed), int(stream))).generate_state(1)[0])
 
 
 class EpochSampler(DistributedSampler):
@@ -38,14 +58,24 @@ class EpochSampler(DistributedSampler):
     generator- or worker-seeded loader would restart from its first epoch. Each index is yielded
     with the seed of its random crop/flip, so augmentation no longer depends on the number of
     workers either. Iterated without :meth:`set_epoch` (plain loops), it advances one epoch per
-    pass so every pass still draws fresh orders and crops.
+    pass so every pass still draws fresh orders and crops. ``stream`` ``k > 0`` replaces ``seed``
+    by :func:`stream_seed` (co-teaching's second network).
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, drop_last: bool):
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int,
+        rank: int,
+        seed: int,
+        drop_last: bool,
+        stream: int = 0,
+    ) -> None:
         super().__init__(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
-            drop_last=drop_last,
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True,
+            seed=stream_seed(seed, stream), drop_last=drop_last,
         )  # fmt: skip
+        self.stream = stream
         self._passes = 0
         self._epoch_given = False
 
@@ -81,6 +111,14 @@ class SeededItems(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.dataset[index]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict]:
+        """A loader batch's items, crops read into one batch tensor where the dataset can."""
+        batched = getattr(self.dataset, "batched", None)
+        if batched is None:
+            return [self[key] for key in keys]
+        with batched(len(keys)):
+            return [self[key] for key in keys]
 
 
 class LazyLoader(DataLoader):
@@ -120,7 +158,8 @@ class CTReportDataModule(LightningDataModule):
         batch_size: Training batch size per device.
         eval_batch_size: Validation/test batch size per device; ``None`` uses ``batch_size``.
         num_workers: Loader worker processes (0 loads in the training process). Workers persist
-            across epochs so the per-worker tokenizer is built once.
+            across epochs so the per-worker tokenizer is built once. With several training
+            streams each stream's loader gets ``ceil(num_workers / train_streams)`` of them.
         max_text_length: Token limit of one anatomy text; the paper's texts are short, and
             padding is dynamic, so this only bounds outliers.
         report_max_length: Token limit of the whole report (global CLIP), at most the text
@@ -128,12 +167,17 @@ class CTReportDataModule(LightningDataModule):
         flip: Random flip in training (paper A.2 RandomFlip).
         flip_axes: Axes flipped at random when ``flip``: 0 inferior-superior, 1 posterior-anterior,
             2 left-right. The default mirrors left-right only, which keeps the body upright;
-            laterality words in reports then refer to the mirrored side.
+            laterality words in reports then refer to the mirrored side. The paper's RandomFlip
+            as the authors' release draws it is ``flip_axes: [0, 1, 2]`` with ``flip_prob: 0.2``
+            (the paper configs ``configs/fvlm.yaml`` and ``configs/ctrate.yaml`` set both).
+        flip_prob: Probability that each axis of ``flip_axes`` is flipped, independently per axis
+            (default 0.5: a left-right mirror every other sample).
         seed: Seeds the training order and every study's crop/flip as functions of
             ``(seed, epoch, index)`` (see :class:`EpochSampler`), so two co-teaching networks given
             different seeds see different orders and augmentations, the number of workers changes
             nothing, and a run resumed from a checkpoint repeats the uninterrupted run exactly.
-            Under DDP each rank takes its own shard of that order.
+            Under DDP each rank takes its own shard of that order. With :attr:`train_streams`
+            ``> 1`` stream ``k`` uses :func:`stream_seed` ``(seed, k)``.
         pin_memory: Pin host memory for faster copies to the GPU; ``None`` pins when CUDA is
             available.
         train_split: ``split`` value of training studies in the cache manifest.
@@ -166,6 +210,7 @@ class CTReportDataModule(LightningDataModule):
         report_max_length: int = 512,
         flip: bool = True,
         flip_axes: tuple[int, ...] = (2,),
+        flip_prob: float = 0.5,
         seed: int = 0,
         pin_memory: bool | None = None,
         train_split: str = "train",
@@ -191,6 +236,8 @@ class CTReportDataModule(LightningDataModule):
             raise ValueError("max_text_length and report_max_length must be >= 2 (CLS + SEP)")
         if any(a not in (0, 1, 2) for a in flip_axes) or len(set(flip_axes)) != len(flip_axes):
             raise ValueError(f"flip_axes must be distinct values among 0, 1, 2, got {flip_axes}")
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
         if crop_check not in ("warn", "strict", "off"):
             raise ValueError(f"crop_check must be 'warn', 'strict' or 'off', got {crop_check!r}")
         self.save_hyperparameters()
@@ -204,7 +251,16 @@ class CTReportDataModule(LightningDataModule):
         self.max_text_length = max_text_length
         self.report_max_length = report_max_length
         self.flip_axes = tuple(flip_axes) if flip else ()
+        self.flip_prob = float(flip_prob)
         self.seed = seed
+        self.train_streams = 1
+        """Independent sample sets per training batch: one per co-taught network.
+
+        :class:`~fvlm.lit_modules.CoTeachingModule` sets it to 2 in its ``setup``, before the
+        training loader is built; each stream then iterates the whole split every epoch in its
+        own order with its own crops and flips, and a training batch is a list of one batch per
+        stream.
+        """
         self.skip_unreadable = skip_unreadable
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.splits: dict[Split, str] = {"train": train_split, "val": val_split, "test": test_split}
@@ -301,23 +357,27 @@ class CTReportDataModule(LightningDataModule):
             max_text_length=self.max_text_length,
             report_max_length=self.report_max_length,
             flip_axes=self.flip_axes,
+            flip_prob=self.flip_prob,
             skip_unreadable=self.skip_unreadable,
         )
 
-    def _dataloader_factory(self, split: Split) -> DataLoader:
+    def _dataloader_factory(self, split: Split, stream: int = 0) -> DataLoader:
         """One loader recipe for every split; training draws order and crops from seed and epoch.
 
         The training loader drops an incomplete last batch once a full batch exists: a
         contrastive loss over a batch of one has no negatives. Its :class:`EpochSampler` is a
         ``DistributedSampler`` (one replica without DDP), so Lightning neither replaces it under
-        DDP nor forgets its ``set_epoch`` call.
+        DDP nor forgets its ``set_epoch`` call. ``stream`` picks the training stream's seed.
         """
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
         dataset = self.datasets[split]
         train = split == "train"
         batch_size = self.batch_size if train else self.eval_batch_size
-        if self.num_workers > 0:
+        num_workers = self.num_workers
+        if train and self.train_streams > 1:
+            num_workers = -(-num_workers // self.train_streams)
+        if num_workers > 0:
             # Forked workers inherit the parent's tokenizer; its thread pool must not be live.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         drop_last = train and len(dataset) >= batch_size
@@ -331,21 +391,39 @@ class CTReportDataModule(LightningDataModule):
                 rank=trainer.global_rank if distributed else 0,
                 seed=self.seed,
                 drop_last=drop_last,
+                stream=stream,
             )
         return (LazyLoader if train else DataLoader)(
             SeededItems(dataset) if train else dataset,
             batch_size=batch_size,
             sampler=sampler,
             drop_last=drop_last,
-            num_workers=self.num_workers,
-            collate_fn=functools.partial(collate_studies, pad_token_id=dataset.pad_token_id),
+            num_workers=num_workers,
+            # Crops stay float16 and unpadded: the LightningModule finishes them on the device;
+            # training on the CPU has no device to hand them to, so the workers finish them.
+            collate_fn=functools.partial(
+                collate_studies, pad_token_id=dataset.pad_token_id, finish=self._finish_in_workers
+            ),
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, anatomy-aware random crops with flips."""
-        return self._dataloader_factory("train")
+    @property
+    def _finish_in_workers(self) -> bool:
+        """Whether crops are converted and padded in the loader (a trainer on the CPU)."""
+        device = getattr(getattr(self.trainer, "strategy", None), "root_device", None)
+        return device is not None and device.type == "cpu"
+
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
+        """Shuffled, anatomy-aware random crops with flips; one loader per training stream.
+
+        Several streams are zipped by Lightning's ``CombinedLoader`` (equal lengths), whose
+        batch is the list of the streams' batches; Lightning sets every stream's sampler epoch.
+        """
+        if self.train_streams == 1:
+            return self._dataloader_factory("train")
+        streams = [self._dataloader_factory("train", k) for k in range(self.train_streams)]
+        return CombinedLoader(streams, mode="min_size")
 
     def val_dataloader(self) -> DataLoader:
         """Ordered, centre-cropped validation studies."""

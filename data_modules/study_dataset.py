@@ -11,26 +11,29 @@ training process never waits on it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from fvlm.anatomy import AnatomyTable
 from fvlm.crop import (
     anatomy_aware_crop_box,
     center_crop_start,
-    crop_array,
     crop_valid,
     draw_flip_axes,
 )
 from fvlm.models.text import MINILM, load_tokenizer
 from fvlm.preprocess.cache import CacheError, StudyCache
 
-__all__ = ["CachedStudyDataset", "cache_hu_window", "read_cache_manifest"]
+from .collate import CROP_EXTENT
+from .crop_read import read_crop_window
+
+__all__ = ["CachedStudyDataset", "cache_hu_window", "read_cache_manifest", "whole_report_text"]
 
 
 def read_cache_manifest(cache_dir: str | Path) -> list[dict[str, str]]:
@@ -41,6 +44,47 @@ def read_cache_manifest(cache_dir: str | Path) -> list[dict[str, str]]:
 def cache_hu_window(cache_dir: str | Path) -> tuple[float, float] | None:
     """The HU window the cache mapped to [0, 1] (use :meth:`StudyCache.hu_window`)."""
     return StudyCache(cache_dir).hu_window()
+
+
+def whole_report_text(report: dict[str, Any]) -> str:
+    """Findings then impression of ``report.json``: the text global CLIP pairs with the scan."""
+    return " ".join(
+        part.strip() for part in (report.get("findings"), report.get("impression")) if part
+    )
+
+
+class _CropBatch:
+    """The image and anatomy tensors of one loader batch, filled row by row by the samples.
+
+    Allocated at the first sample (the cache's image dtype is known then), in shared memory
+    inside a loader worker, so the batch crosses to the training process without a copy.
+    """
+
+    def __init__(self, size: int, crop: tuple[int, ...]) -> None:
+        self.size, self.crop, self.taken = size, crop, 0
+        self.tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def next_rows(self, dtype: np.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rows ``(1, d, h, w)`` and ``(d, h, w)`` for the next sample (``None``: read alone)."""
+        image_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+        if self.tensors is None:
+            shared = get_worker_info() is not None
+            self.tensors = tuple(
+                _empty((self.size, *shape), kind, shared)
+                for shape, kind in (((1, *self.crop), image_dtype), (self.crop, torch.uint8))
+            )
+        if self.taken >= self.size or self.tensors[0].dtype != image_dtype:
+            return None
+        return self.tensors[0][self.taken], self.tensors[1][self.taken]
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor, its storage in shared memory when ``shared`` (no copy later)."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    storage = torch.UntypedStorage._new_shared(nbytes)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 class CachedStudyDataset(Dataset):
@@ -59,9 +103,13 @@ class CachedStudyDataset(Dataset):
     loader's generator (workers) or ``seed_everything`` (no workers), and differ between epochs.
 
     A sample is a dict with:
-        ``image`` float32 ``(1, d, h, w)``; ``anatomy`` uint8 ``(d, h, w)`` holding ``a + 1`` for
-        anatomy table index ``a`` and 0 for background (for the bundled presets this equals the
-        table id); ``valid``, ``normal`` bool ``(A,)``; ``text_input_ids``,
+        ``image`` ``(1, d, h, w)`` in the cache's dtype (float16); ``anatomy`` uint8 ``(d, h, w)``
+        holding ``a + 1`` for anatomy table index ``a`` and 0 for background (for the bundled
+        presets this equals the table id); ``crop_extent`` int64 ``(3, 2)``, the window of both
+        that holds volume voxels: outside it they are undefined until
+        :func:`~fvlm.data_modules.collate.finish_crops` converts the image to float32 and pads
+        both with 0, on the device (:func:`~fvlm.data_modules.collate.collate_studies` does it
+        by default); ``valid``, ``normal`` bool ``(A,)``; ``text_input_ids``,
         ``text_attention_mask`` long ``(A, L)`` (padded to the sample's longest text);
         ``report_input_ids``, ``report_attention_mask`` long ``(L,)`` (findings then impression);
         ``study_id`` str.
@@ -126,6 +174,7 @@ class CachedStudyDataset(Dataset):
         # The bundled presets number their anatomies 1..A already: skip the per-voxel lookup.
         self._lut_is_identity = table.ids == list(range(1, len(table) + 1))
         self._tokenizer: Any = None
+        self._batch: _CropBatch | None = None
 
     def __len__(self) -> int:
         return len(self.study_ids)
@@ -134,6 +183,7 @@ class CachedStudyDataset(Dataset):
         """Drop the tokenizer when pickled (spawned workers), so each worker builds its own."""
         state = self.__dict__.copy()
         state["_tokenizer"] = None
+        state["_batch"] = None
         return state
 
     @property
@@ -198,20 +248,42 @@ class CachedStudyDataset(Dataset):
         labels: np.ndarray,
         start: Sequence[int],
         flip: Sequence[int] = (),
-    ) -> tuple[np.ndarray, np.ndarray]:
+        out: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The crop at ``start`` of a study's memory maps, as a sample holds it.
 
-        Returns the float32 image and the anatomy map as table index + 1; outside the volume
-        both are padded with 0 (the HU window's lower end, background). Evaluation reads its
-        planned crops through this too, so it sees exactly what training saw.
+        Returns the image in the cache's dtype, the anatomy map as table index + 1, and their
+        window ``extent`` ``(3, 2)`` holding volume voxels; outside it both are undefined until
+        :func:`~fvlm.data_modules.collate.finish_crops` pads them with 0 (the HU window's lower
+        end, background) on the device. Evaluation reads its planned crops through this too, so
+        it sees exactly what training saw. ``out`` holds arrays to write image and map into.
         """
-        image_crop = crop_array(
-            image, start, self.crop_size, pad_value=0.0, dtype=np.float32, flip=flip
-        )
-        anatomy_crop = crop_array(labels, start, self.crop_size, pad_value=0, flip=flip)
+        image_out, anatomy_out = out if out is not None else (None, None)
+        image_crop, extent = read_crop_window(image, start, self.crop_size, flip, image_out)
+        anatomy_crop, _ = read_crop_window(labels, start, self.crop_size, flip, anatomy_out)
         if not self._lut_is_identity:
-            anatomy_crop = self._lut[anatomy_crop]
-        return image_crop, anatomy_crop
+            np.take(self._lut, anatomy_crop, out=anatomy_crop)
+        return image_crop, anatomy_crop, extent
+
+    @contextmanager
+    def batched(self, size: int) -> Iterator[None]:
+        """Within the block, the next ``size`` samples' crops are read into one batch tensor.
+
+        Sample ``k``'s ``image`` and ``anatomy`` are then row ``k`` of two batch tensors (in
+        shared memory inside a loader worker), which
+        :func:`~fvlm.data_modules.collate.collate_studies` hands on as they are: no per-sample
+        crop and no stacking copy (they were most of a sample's CPU time after the read).
+        """
+        self._batch = _CropBatch(size, self.crop_size)
+        try:
+            yield
+        finally:
+            self._batch = None
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """The samples of a loader batch, their crops read into one batch tensor."""
+        with self.batched(len(indices)):
+            return [self[index] for index in indices]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """The sample of study ``index``; an unreadable one raises or, if skipped, the next."""
@@ -248,17 +320,21 @@ class CachedStudyDataset(Dataset):
         start = self.choose_crop(image.shape, bboxes * complete[:, None, None], rng)
         valid = crop_valid(bboxes, start, self.crop_size) & complete
         flip = draw_flip_axes(self.flip_axes, rng, self.flip_prob) if rng is not None else ()
-        image_crop, anatomy_crop = self.read_crop(image, labels, start, flip)
+        rows = self._batch.next_rows(image.dtype) if self._batch is not None else None
+        out = None if rows is None else (rows[0][0].numpy(), rows[1].numpy())
+        image_crop, anatomy_crop, extent = self.read_crop(image, labels, start, flip, out)
+        # A reader that did not write into the batch's rows (a subclass) keeps its own arrays.
+        in_rows = out is not None and image_crop is out[0] and anatomy_crop is out[1]
 
         texts, normal = self.read_texts(report, study_id)
         text_ids, text_mask = self._tokenize(texts, self.max_text_length)
-        whole = " ".join(
-            part.strip() for part in (report.get("findings"), report.get("impression")) if part
-        )
+        whole = whole_report_text(report)
         report_ids, report_mask = self._tokenize([whole], self.report_max_length)
+        if in_rows:
+            self._batch.taken += 1
         return {
-            "image": torch.from_numpy(image_crop).unsqueeze(0),
-            "anatomy": torch.from_numpy(anatomy_crop),
+            "image": rows[0] if in_rows else torch.from_numpy(image_crop).unsqueeze(0),
+            "anatomy": rows[1] if in_rows else torch.from_numpy(anatomy_crop),
             "valid": torch.from_numpy(valid),
             "normal": torch.from_numpy(normal),
             "text_input_ids": text_ids,
@@ -266,4 +342,5 @@ class CachedStudyDataset(Dataset):
             "report_input_ids": report_ids[0],
             "report_attention_mask": report_mask[0],
             "study_id": study_id,
+            CROP_EXTENT: torch.from_numpy(extent),
         }

@@ -23,7 +23,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from fvlm.checkpoint import NETWORK_KEY
+from fvlm.data_modules.collate import finish_crops
 from fvlm.data_modules.study_dataset import cache_hu_window
+from fvlm.lit_modules.parameter_distance import parameter_distance
 from fvlm.lit_modules.schedule import warmup_cosine
 from fvlm.lit_modules.zero_shot_validation import ZeroShotAUROC
 from fvlm.loss import AnatomyReduction, FineGrainedContrastiveLoss
@@ -38,6 +40,7 @@ from fvlm.models import (
     network_options,
 )
 from fvlm.models.intensity_windows import check_source_window
+from fvlm.models.vision import warn_if_uninitialised
 
 __all__ = ["ContrastiveModule", "adamw"]
 
@@ -147,6 +150,10 @@ class ContrastiveModule(LightningModule):
         """Eq. 3's ``p_other`` for this batch; ``None`` trains on the hard (FNCN) targets."""
         return None
 
+    def label_correction_network(self) -> nn.Module | None:
+        """The model whose predictions correct :attr:`network`'s labels (``None``: no such one)."""
+        return None
+
     # -- shared machinery ----------------------------------------------------------------------
 
     def build_network(self) -> FineGrainedCLIP | GlobalCLIP:
@@ -155,6 +162,8 @@ class ContrastiveModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         """Tell the loss about the process group, check the cache's HU window, build metrics."""
+        if stage == "fit":
+            warn_if_uninitialised(self.network.vision.config)
         self.loss.rank = self.global_rank
         self.loss.world_size = self.trainer.world_size if self._trainer is not None else 1
         cache_dir = getattr(getattr(self._trainer, "datamodule", None), "cache_dir", None)
@@ -162,6 +171,14 @@ class ContrastiveModule(LightningModule):
             source = self.network.vision.config.source_hu_window
             check_source_window(source, cache_hu_window(cache_dir), cache_dir)
         self.configure_metrics()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Convert the crops to float32 and pad them on the device (the loader leaves both undone).
+
+        Done here, once per batch on the accelerator, it costs the loader's CPU nothing: see
+        :func:`fvlm.data_modules.collate.finish_crops`.
+        """
+        return finish_crops(batch)
 
     def forward(self, batch: dict) -> FineGrainedOutput:
         """Embed a batch with the evaluated network."""
@@ -188,6 +205,15 @@ class ContrastiveModule(LightningModule):
         losses = self.contrastive_loss(out, self.soft_targets(batch, out))
         self.log_loss("train", losses, out)
         return losses["loss"]
+
+    def on_train_epoch_end(self) -> None:
+        """Fig. 10: log ``train/param_distance`` (relative) and ``train/param_distance_l2``."""
+        teacher = self.label_correction_network()
+        if teacher is None:
+            return
+        distance, relative = parameter_distance(self.network, teacher)
+        self.log("train/param_distance", relative.float())
+        self.log("train/param_distance_l2", distance.float())
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Loss with hard targets, and the batch's zero-shot scores."""

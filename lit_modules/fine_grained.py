@@ -63,6 +63,12 @@ class FineGrainedCLIPModule(ContrastiveModule):
             teacher.image_emb.detach(), teacher.text_emb.detach(), out.valid, teacher.logit_scale
         )
 
+    def label_correction_network(self) -> torch.nn.Module | None:
+        """Fig. 10's label-correction model: the EMA copy, or the network itself (``self``)."""
+        if self.momentum_network is not None:
+            return self.momentum_network.module
+        return self.network if self.hparams.label_correction == "self" else None
+
     def on_train_batch_end(self, outputs: object, batch: dict, batch_idx: int) -> None:
         """Update the momentum copy after each optimiser step."""
         if self.momentum_network is not None:

@@ -1,9 +1,10 @@
 """The study manifest: one CSV row per study, file paths relative to the manifest's folder.
 
-Columns: ``study_id, image, findings, impression[, mask][, split][, npz_spacing]``. ``image`` is a
-NIfTI file or a header-less ``.npz`` array (the Rad-ChestCT release); ``npz_spacing`` is the
-isotropic voxel size (mm) of an ``.npz`` volume (default 0.8; NIfTI volumes take theirs from the
-header).
+Columns: ``study_id, image, findings, impression[, mask][, split][, npz_spacing][, dicom_series]``.
+``image`` is a NIfTI file, a header-less ``.npz`` array (the Rad-ChestCT release) or a DICOM series
+(a folder, or one file; see :mod:`fvlm.preprocess.dicom`); ``npz_spacing`` is the isotropic voxel
+size (mm) of an ``.npz`` volume (default 0.8; NIfTI volumes take theirs from the header);
+``dicom_series`` picks one series (SeriesInstanceUID or SeriesNumber) of a folder holding several.
 
 A malformed row must cost only its own study, so rows are parsed one at a time and a bad row comes
 back as a :class:`ManifestRow` with ``error`` set (the runner lists it as failed) instead of an
@@ -75,6 +76,7 @@ class ManifestRow:
     rescale_slope: float | None = None
     rescale_intercept: float | None = None
     npz_spacing: float | None = None
+    dicom_series: str | None = None
     geometry: MetadataGeometry | None = None
     error: str | None = None
 
@@ -201,6 +203,7 @@ def _row(line: int, header: list[str], fields: list[str], folder: Path) -> Manif
         rescale_slope=slope,
         rescale_intercept=intercept,
         npz_spacing=npz_spacing,
+        dicom_series=(record.get("dicom_series") or "").strip() or None,
         geometry=geometry,
     )
 

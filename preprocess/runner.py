@@ -51,6 +51,7 @@ from .cache import (
 )
 from .config import PreprocessConfig
 from .decomposition import Decomposer, Decomposition, build_decomposer
+from .dicom import folder_fingerprint
 from .manifest import Manifest, ManifestError, ManifestRow, read_manifest
 from .rescale import apply_rescale, decide_rescale
 from .segmentation import (
@@ -136,15 +137,18 @@ class StudyProcessor:
 
     def _inputs(self, row: ManifestRow, previous: dict | None) -> dict:
         before = (previous or {}).get("inputs") or {}
+        fingerprint = folder_fingerprint if row.image.is_dir() else file_fingerprint  # DICOM
         inputs: dict = {
             "image": {"path": self._relative(row.image)}
-            | file_fingerprint(row.image, before.get("image")),
+            | fingerprint(row.image, before.get("image")),
             "mask": None,
             "report_sha256": text_fingerprint(row.findings, row.impression),
             "rescale": [row.rescale_slope, row.rescale_intercept],
         }
         if row.npz_spacing is not None:  # the geometry of a header-less volume is an input too
             inputs["npz_spacing"] = row.npz_spacing
+        if row.dicom_series is not None:  # so is the series picked from a DICOM folder
+            inputs["dicom_series"] = row.dicom_series
         if row.geometry is not None:  # so is the metadata geometry of an identity-affine one
             inputs["metadata_geometry"] = row.geometry.to_json()
         if self.config.segmenter == "precomputed" and row.mask is not None:
@@ -161,6 +165,7 @@ class StudyProcessor:
             inputs.get("report_sha256"),
             tuple(inputs.get("rescale") or ()),
             inputs.get("npz_spacing"),
+            inputs.get("dicom_series"),
             inputs.get("metadata_geometry"),
         )
 
@@ -193,9 +198,11 @@ class StudyProcessor:
             return None
         same_report = before.get("report_sha256") == text_fingerprint(row.findings, row.impression)
         same_rescale = before.get("rescale") == [row.rescale_slope, row.rescale_intercept]
-        same_geometry = before.get("npz_spacing") == row.npz_spacing and before.get(
-            "metadata_geometry"
-        ) == (row.geometry and row.geometry.to_json())
+        same_geometry = (
+            before.get("npz_spacing") == row.npz_spacing
+            and before.get("dicom_series") == row.dicom_series
+            and before.get("metadata_geometry") == (row.geometry and row.geometry.to_json())
+        )
         return meta if same_report and same_rescale and same_geometry else None
 
     def _current(self, study_id: str, previous: dict | None, inputs: dict) -> bool:
@@ -317,7 +324,9 @@ class StudyProcessor:
         """The four cache files of one study (image, anatomy, meta, report) + its decomposition."""
         config = self.config
         with _stage(f"image {self._relative(row.image)}"):
-            loaded = load_volume(row.image, row.npz_spacing, row.geometry, config.geometry_rule)
+            loaded = load_volume(
+                row.image, row.npz_spacing, row.geometry, config.geometry_rule, row.dicom_series
+            )
             decision = decide_rescale(
                 loaded.volume.data, row.rescale_slope, row.rescale_intercept, config.rescale
             )
@@ -330,10 +339,16 @@ class StudyProcessor:
         with _stage(f"resampling {self._relative(row.image)}"):
             canonical, orientation = canonicalise(hu)
             canonical_anatomy, _ = canonicalise(Volume(grouped, hu.affine))
+            # Each source-grid array is freed once read for the last time, before resampling
+            # allocates its outputs: a lower peak (only the file's metadata of ``loaded`` is
+            # used below).
+            loaded = replace(loaded, volume=Volume(np.empty((0, 0, 0)), hu.affine))
+            del hu, grouped
             cut = truncated_faces(
                 canonical_anatomy.data, canonical_anatomy.spacing, config.truncation_margin_mm
             )
             volume = resample(canonical, config.spacing, "linear")
+            del canonical
             anatomy = resample(canonical_anatomy, config.spacing, "nearest").data
             image = window_hu(volume.data, config.hu_window).astype(np.float16)
         with _stage(f"report of {row.study_id}"):

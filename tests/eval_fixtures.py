@@ -10,11 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
+from fvlm.evaluation.embedding import StudyEmbeddings
+from fvlm.evaluation.evaluability import AnatomyStatus
 from fvlm.lit_modules import FineGrainedCLIPModule
 from fvlm.models import VisionConfig
 
@@ -60,3 +63,23 @@ def chest_preprocess_config(path: Path, spacing: Sequence[float] = (12.0, 9.0, 9
         "segmenter": "precomputed", "rescale": "auto", "decomposer": "rules", "workers": 1,
     }))  # fmt: skip
     return path
+
+
+def study_embeddings(
+    embeddings: torch.Tensor, status: np.ndarray | None = None, crop_rule: str = "plan"
+) -> StudyEmbeddings:
+    """Hand-made evaluation embeddings ``(S, A, E)`` (``(S, 1, E)`` and ``tile`` for CLIP).
+
+    ``status`` ``(S, A_table)`` defaults to every anatomy whole; ``valid`` follows it for fVLM
+    (whole or larger than the crop) and is all true for CLIP, as ``embed_studies`` sets them.
+    """
+    n = len(embeddings)
+    if status is None:
+        status = np.zeros(embeddings.shape[:2], dtype=np.int8)
+    evaluable = np.isin(status, (AnatomyStatus.WHOLE, AnatomyStatus.LARGER_THAN_CROP))
+    valid = torch.ones(n, 1, dtype=torch.bool) if crop_rule == "tile" else torch.tensor(evaluable)
+    return StudyEmbeddings(
+        embeddings=embeddings, valid=valid, status=np.asarray(status, dtype=np.int8),
+        forward_passes=np.ones(n, dtype=np.int64), study_ids=[f"s{i:03d}" for i in range(n)],
+        crop_size=(8, 16, 16), crop_rule=crop_rule,
+    )  # fmt: skip

@@ -45,8 +45,8 @@ def test_overview_lists_every_subcommand_and_rejects_unknown_ones(capsys):
     for command in cli.COMMANDS:
         assert command.name in text and command.help.split()[0] in text
     names = {c.name for c in cli.COMMANDS}
-    assert {"phantom", "preprocess", "fit", "validate", "test", "predict", "evaluate",
-            "eval-ctrate", "eval-radchestct"} <= names  # fmt: skip
+    assert {"phantom", "preprocess", "fit", "validate", "test", "predict", "export", "evaluate",
+            "eval-ctrate", "eval-radchestct", "ablation"} <= names  # fmt: skip
     with pytest.raises(SystemExit) as exited:
         cli.main(["no-such-command"])
     assert exited.value.code == 2
@@ -107,10 +107,27 @@ def test_lightning_subcommands_take_a_packaged_config(capsys, command):
     assert printed["model"]["class_path"].startswith("fvlm.lit_modules.")
 
 
-@pytest.mark.parametrize("command", ["validate", "predict"])
-def test_lightning_subcommands_help(capsys, command):
-    text = run_help(capsys, command)
+def test_lightning_subcommands_help(capsys):
+    text = run_help(capsys, "validate")
     assert "--data.cache_dir" in text and "--model" in text and "--config" in text
+
+
+def test_predict_is_the_scan_command_and_lightning_predict_stays_lightningcli(capsys):
+    text = run_help(capsys, "predict")
+    for option in ("--model", "--scans", "--mask", "--segmenter", "--query", "--out"):
+        assert option in text
+    assert "--data.cache_dir" not in text
+    with pytest.raises(SystemExit) as exited:
+        cli.lightning_main(["predict", "--help"])
+    assert exited.value.code in (0, None)
+    assert "--data.cache_dir" in capsys.readouterr().out
+
+
+def test_repeatable_options_append():
+    args = ["--query", "liver: a", "--out", "x", "--query=spleen: b"]
+    assert cli._appending(args, ("query",)) == [
+        "--query+", "liver: a", "--out", "x", "--query+=spleen: b"
+    ]  # fmt: skip
 
 
 def test_evaluate_from_a_config_file(capsys, tmp_path, paper_table, tiny_bert):

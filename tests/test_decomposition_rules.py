@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import pickle
 import re
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -453,3 +456,88 @@ def test_normal_flags_alone_match_decompose(table):
         n: (d.normal, d.normal_source) for n, d in result.anatomies.items()
     }
     assert flags["liver"].normal is False and flags["liver"].source == "findings"
+
+
+# -- bad reports: a clear, counted outcome per study, nothing else lost ------------------------
+
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs" / "preprocess"
+HUGE = " ".join(["The liver is enlarged; the spleen is normal."] * 2300)  # ~101 KB
+
+BAD_REPORTS = {
+    # study: (findings, impression, outcomes)
+    "german": (
+        "Die Leber ist vergrößert. Die Milz ist unauffällig. Keine freie Flüssigkeit.",
+        "Hepatomegalie.",
+        {"default": 35, "no_anatomy_found": 1},
+    ),
+    "turkish": (
+        "Karaciğer boyutu artmıştır. Dalak normaldir. Batında serbest sıvı izlenmedi.",
+        "Hepatomegali.",
+        {"default": 35, "no_anatomy_found": 1},
+    ),
+    "empty_findings": ("", "Enlarged liver.", {"rules": 1, "default": 34, "normal_impression": 1}),
+    "not_given_findings": (
+        "Not given.",
+        "Enlarged liver. Small renal cyst.",
+        {"rules": 2, "default": 33, "normal_impression": 2},
+    ),
+    "global_impression_only": (
+        "",
+        "The examination is within normal limits.",
+        {"default": 35, "no_anatomy_found": 1},
+    ),
+    "report_100kb": (
+        HUGE,
+        "Not given.",
+        {"rules": 2, "default": 33, "normal_findings": 2},
+    ),
+}
+
+
+@pytest.mark.parametrize("study", sorted(BAD_REPORTS))
+def test_bad_reports_have_a_counted_outcome(table, study):
+    findings, impression, outcomes = BAD_REPORTS[study]
+    result = RuleDecomposer(table).decompose(findings, impression)
+    assert len(table.names) == 35
+    assert result.outcomes == outcomes
+    if study == "report_100kb":
+        assert len(HUGE) > 100_000
+        assert result.anatomies["liver"].normal is False  # the missing impression: findings
+        assert result.anatomies["spleen"].normal is True
+    if "no_anatomy_found" in outcomes:
+        assert all(d.normal and d.source == "default" for d in result.anatomies.values())
+
+
+def test_preprocess_keeps_every_bad_report_and_counts_it(tmp_path, capsys):
+    from fvlm.preprocess.cli import main
+
+    manifest = generate_phantom(
+        tmp_path / "phantom", n_studies=2, seed=3, shape=(24, 32, 32), spacing=(8.0, 5.0, 5.0),
+        progress=False,
+    )  # fmt: skip
+    with manifest.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    fields = list(rows[0])
+    bad = [
+        {**rows[0], "study_id": study, "findings": findings, "impression": impression}
+        for study, (findings, impression, _) in sorted(BAD_REPORTS.items())
+    ]
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fields)
+        writer.writeheader()
+        writer.writerows(rows + bad)
+    cache = tmp_path / "cache"
+    config = PRESETS_DIR / "phantom.yaml"
+    args = ["--config", str(config), "--manifest", str(manifest), "--cache", str(cache),
+            "--workers", "1", "--progress", "false"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"{2 + len(BAD_REPORTS)} processed ok" in out
+    # 3 studies with text but no anatomy of the table, counted in the run's summary.
+    assert re.search(r"no_anatomy_found[ =:]+3\b", out), out
+    for study, (findings, impression, outcomes) in BAD_REPORTS.items():
+        report = json.loads((cache / "studies" / study / "report.json").read_text())
+        assert (report["findings"], report["impression"]) == (findings.strip(), impression.strip())
+        sources = Counter(a["source"] for a in report["anatomies"].values())
+        expected = Counter(rules=outcomes.get("rules", 0), default=outcomes["default"])
+        assert sources == +expected, study

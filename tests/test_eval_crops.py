@@ -266,7 +266,8 @@ def test_planned_crops_need_no_text(cache, monkeypatch) -> None:
     monkeypatch.setattr(study_dataset, "load_tokenizer", lambda name: pytest.fail("tokenized"))
     crops = PlannedCrops(cache, "test", PAPER, (8, 16, 16))
     item = crops[0]
-    assert set(item) == {"image", "anatomy", "index"} and item["image"].shape == (1, 8, 16, 16)
+    assert set(item) == {"image", "anatomy", "crop_extent", "index"}
+    assert item["image"].shape == (1, 8, 16, 16) and item["image"].dtype == torch.float16
 
 
 def test_labels_are_checked_before_the_embedding_pass() -> None:

@@ -10,9 +10,8 @@ import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
-from fvlm.lit_modules import CoTeachingModule, FineGrainedCLIPModule, GlobalCLIPModule
+from fvlm.lit_modules import FineGrainedCLIPModule, GlobalCLIPModule
 from fvlm.lit_modules.schedule import warmup_cosine
-from fvlm.loss import fncn_targets, similarity_probabilities
 from fvlm.models import VisionConfig
 
 VISION = VisionConfig.vit_tiny(img_size=(8, 16, 16), patch_size=(4, 8, 8), hidden_size=16)
@@ -82,73 +81,6 @@ def tiny_module_args(text_config: dict, **extra: object) -> dict:
 def module_args(tiny_bert: Callable[..., dict]) -> Callable[..., dict]:
     """:func:`tiny_module_args` with the suite's tiny BERT (conftest ``tiny_bert``)."""
     return lambda **extra: tiny_module_args(tiny_bert(), **extra)
-
-
-def test_co_teaching_alternates_and_uses_the_partner(monkeypatch, module_args):
-    torch.manual_seed(0)
-    module = CoTeachingModule(**module_args(burn_in_epochs=1, alpha=0.5))
-    before = [[p.detach().clone() for p in net.parameters()] for net in module.networks]
-    # Distinct initialisations (different seeds).
-    assert not torch.equal(before[0][0], before[1][0])
-    calls: list[tuple[int, bool]] = []
-    original = module.contrastive_loss
-
-    def spy(out, soft=None):
-        calls.append((module.trainer.fit_loop.epoch_loop.batch_idx, soft is not None))
-        if soft is not None:
-            assert not soft[0].requires_grad and not soft[1].requires_grad
-        return original(out, soft)
-
-    monkeypatch.setattr(module, "contrastive_loss", spy)
-    # Epoch 0 (burn-in): only network 0 trains on batch 0; nothing touches network 1.
-    fit(module, epochs=1, n=1)
-    after = [[p.detach() for p in net.parameters()] for net in module.networks]
-    assert any(not torch.equal(a, b) for a, b in zip(before[0], after[0], strict=True))
-    assert all(torch.equal(a, b) for a, b in zip(before[1], after[1], strict=True))
-    assert calls == [(0, False)]
-
-
-def test_co_teaching_soft_targets_come_from_the_other_network(monkeypatch, module_args):
-    """The targets equal alpha * y + (1 - alpha) * p computed from the PARTNER's embeddings."""
-    torch.manual_seed(0)
-    alpha = 0.3
-    module = CoTeachingModule(**module_args(burn_in_epochs=0, alpha=alpha))
-    seen = {}
-    original = module.contrastive_loss
-
-    def spy(out, soft=None):
-        losses = original(out, soft)
-        seen.update(out=out, targets=losses["targets_i2t"], targets_t2i=losses["targets_t2i"])
-        return losses
-
-    monkeypatch.setattr(module, "contrastive_loss", spy)
-    partner_before = [p.detach().clone() for p in module.networks[1].parameters()]
-    fit(module, epochs=1, n=1)  # batch 0 trains network 0; network 1 only teaches
-    assert all(
-        torch.equal(a, b)
-        for a, b in zip(partner_before, module.networks[1].parameters(), strict=True)
-    )
-    batch, out = make_batch(0), seen["out"]
-    with torch.no_grad():
-        partner = module.networks[1](batch)
-    hard = fncn_targets(out.valid, out.normal, out.text_key)
-    pair = out.valid.t()[:, :, None] & out.valid.t()[:, None, :]
-
-    def expected(teacher) -> tuple[torch.Tensor, torch.Tensor]:
-        p_i2t, p_t2i = similarity_probabilities(
-            teacher.image_emb, teacher.text_emb, out.valid, teacher.logit_scale
-        )
-        return (
-            (alpha * hard + (1 - alpha) * p_i2t) * pair,
-            (alpha * hard.transpose(-1, -2) + (1 - alpha) * p_t2i) * pair,
-        )
-
-    from_partner = expected(partner)
-    torch.testing.assert_close(seen["targets"], from_partner[0])
-    torch.testing.assert_close(seen["targets_t2i"], from_partner[1])
-    # Self-teaching would give clearly different targets: the test tells the two apart.
-    from_self = expected(out)
-    assert (from_self[0] - seen["targets"]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("correction", ["none", "self", "momentum"])

@@ -249,6 +249,37 @@ def test_load_nifti_rejects_broken_files(tmp_path):
     assert load_nifti(good).volume.data.dtype == np.int16
 
 
+@pytest.mark.parametrize("klass", [nib.Nifti1Image, nib.Nifti2Image])
+def test_gzipped_nifti_streams_through_the_fast_decoder(tmp_path, monkeypatch, klass):
+    """``.nii.gz`` is decoded by isal's igzip (stdlib gzip without it), equal to nibabel's read."""
+    from fvlm.preprocess import volume as volume_module
+
+    hu = _hu_phantom()
+    image = klass((hu + 1024).astype(np.int16), np.diag([-0.8, -0.8, 5.0, 1.0]))
+    image.header.set_slope_inter(1.0, -1024.0)
+    path = tmp_path / "scan.nii.gz"
+    nib.save(image, path)
+    expected = nib.load(path).get_fdata(dtype=np.float32)
+    decoders = [volume_module._gzip, gzip]  # isal's igzip where installed, then the stdlib
+    for decoder in decoders:
+        opened = []
+        monkeypatch.setattr(volume_module, "_gzip", decoder)
+        monkeypatch.setattr(decoder, "open", _spy(decoder.open, opened))
+        loaded = load_nifti(path)
+        assert opened == [path]  # the file went through this decoder, once
+        np.testing.assert_array_equal(loaded.volume.data, expected)
+        assert (loaded.scl_slope, loaded.scl_inter) == (1.0, -1024.0)
+        np.testing.assert_allclose(loaded.volume.affine, nib.load(path).affine)
+
+
+def _spy(function, calls: list):  # noqa: ANN001, ANN202
+    def wrapper(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        calls.append(path)
+        return function(path, *args, **kwargs)
+
+    return wrapper
+
+
 @pytest.mark.parametrize("axcodes", list(itertools.islice(ORIENTATIONS, 3)), ids="".join)
 def test_pipeline_order_is_orientation_independent(axcodes):
     # canonicalise + resample + window of the same scan stored in different orientations

@@ -23,7 +23,14 @@ Robustness, because a preprocessing run sends tens of prompts per report for hou
   ``max_tokens``) and a 200 whose body is no chat completion (HTML, broken JSON) are unparseable
   answers like any other;
 * every (section, anatomy) that fell back is listed in :attr:`Decomposition.fallback`, so the
-  preprocessing run records it and asks the LLM again on its next run.
+  preprocessing run records it and asks the LLM again on its next run;
+* a section longer than ``max_section_chars`` is not sent (``section_too_long``: rules), and a
+  report with text but no anatomy found is counted (``no_anatomy_found``).
+
+Throughput: the paper asks per anatomy and per section (2 x anatomies prompts plus one extraction
+per mention: ~24 per chest report with 8 anatomies, ~80 per abdomen report with 35). Every prompt
+of a section starts with that section's text, and each section's first prompt is answered before
+the others are sent, so a server with prefix caching computes each section once.
 
 The API key is read from the environment variable named in :class:`LLMConfig` when the client is
 created and lives only inside the (unpicklable, never logged) client object.
@@ -58,14 +65,16 @@ from .prompts import (
     parse_extraction,
     parse_mention,
 )
-from .rules import RuleDecomposer
+from .rules import RuleDecomposer, no_anatomy_found
 
 __all__ = ["LLMConfig", "LLMDecomposer", "cache_key"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R")
 Messages = list[dict[str, str]]
+Job = tuple[str, Anatomy]
 # The header the openai client stamps on every attempt of one request (0 on the first).
 _RETRY_COUNT_HEADER = "x-stainless-retry-count"
 # Status codes that will not get better for the next prompt: wrong key, model or URL.
@@ -93,6 +102,9 @@ class LLMConfig:
         down_retry_s: After the server is found unreachable, seconds before trying it again.
         answer_chars_per_token: Answers longer than this many characters per ``max_tokens`` are
             refused as unparseable (a server that ignores ``max_tokens`` cannot fill the disk).
+        max_section_chars: A longer section (a pasted log, a concatenated export; about 6k
+            tokens, so that prompt and answer fit an 8k context) is not sent: the keyword rules
+            decompose it, counted as ``section_too_long`` and listed as a fallback.
         cache_dir: Directory of cached answers; ``None`` disables the cache.
     """
 
@@ -106,6 +118,7 @@ class LLMConfig:
     max_attempts: int = 3
     down_retry_s: float = 60.0
     answer_chars_per_token: int = 16
+    max_section_chars: int = 24_000
     cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -119,6 +132,7 @@ class LLMConfig:
             "down_retry_s": self.down_retry_s >= 0,
             "temperature": self.temperature >= 0,
             "answer_chars_per_token": self.answer_chars_per_token >= 1,
+            "max_section_chars": self.max_section_chars >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -164,6 +178,8 @@ class LLMDecomposer:
         self._down_until = 0.0
         self._warned_down = False
         self._timeouts_in_a_row = 0
+        #: HTTP requests sent (client retries included), for throughput figures.
+        self.requests_sent = 0
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(table={self.table.name!r}, config={self.config!r})"
@@ -197,22 +213,57 @@ class LLMDecomposer:
         outcomes: Counter = Counter()
         fallback: set[str] = set()
 
-        def run(job: tuple[str, Anatomy]) -> tuple[SectionText | None, Counter]:
+        def run(job: Job) -> tuple[SectionText | None, Counter]:
             kind, anatomy = job
             return self._section_anatomy(sections[kind], anatomy, rules[kind].get(anatomy.name))
 
+        too_long = {
+            kind
+            for kind, text in sections.items()
+            if len(text.strip()) > self.config.max_section_chars
+        }
+        for kind in too_long:
+            # No model reads a section this long: it would only be truncated or refused.
+            log.warning(
+                "%s section of %d characters exceeds max_section_chars=%d: keyword rules used",
+                kind,
+                len(sections[kind].strip()),
+                self.config.max_section_chars,
+            )
+            outcomes["section_too_long"] += 1
+            outcomes["fallback_rules"] += len(self.table.anatomies)
+            fallback.update(self.table.names)
+            extracted[kind] = {n: SectionText(t, "rules") for n, t in rules[kind].items()}
+        jobs = [job for job in jobs if job[0] not in too_long]
         if jobs:
-            workers = min(self.config.max_concurrency, len(jobs))
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fvlm-llm") as pool:
-                for (kind, anatomy), (text, counts) in zip(jobs, pool.map(run, jobs), strict=True):
-                    outcomes.update(counts)
-                    if counts["fallback_rules"]:
-                        fallback.add(anatomy.name)
-                    if text is not None:
-                        extracted[kind][anatomy.name] = text
+            for (kind, anatomy), (text, counts) in zip(jobs, self._run(jobs, run), strict=True):
+                outcomes.update(counts)
+                if counts["fallback_rules"]:
+                    fallback.add(anatomy.name)
+                if text is not None:
+                    extracted[kind][anatomy.name] = text
         anatomies = merge_sections(self.table, extracted["findings"], extracted["impression"])
         outcomes["default"] += sum(d.source == "default" for d in anatomies.values())
+        outcomes["no_anatomy_found"] += no_anatomy_found(findings, impression, anatomies)
         return Decomposition(anatomies, +outcomes, frozenset(fallback))
+
+    def _run(self, jobs: list[Job], run: Callable[[Job], R]) -> list[R]:
+        """Results of ``run`` over ``jobs`` (in job order) with bounded concurrency.
+
+        Every prompt of one section starts with the section's text (:mod:`.prompts`), so a server
+        with prefix caching (vLLM, SGLang) computes it once per section if the first prompt of the
+        section has been answered before the others arrive: one prompt per section goes first,
+        then the rest, ``max_concurrency`` at a time.
+        """
+        workers = min(self.config.max_concurrency, len(jobs))
+        kinds = [kind for kind, _ in jobs]
+        first = [kinds.index(kind) for kind in dict.fromkeys(kinds)]
+        rest = [i for i in range(len(jobs)) if i not in first]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fvlm-llm") as pool:
+            primed = {i: pool.submit(run, jobs[i]) for i in first}
+            results = {i: future.result() for i, future in primed.items()}
+            results.update(zip(rest, pool.map(run, [jobs[i] for i in rest]), strict=True))
+        return [results[i] for i in range(len(jobs))]
 
     # -- one (section, anatomy) ----------------------------------------------------------------
 
@@ -268,9 +319,11 @@ class LLMDecomposer:
             except openai.APIError as err:
                 # The client has already retried what can get better by retrying.
                 counts["retry"] += _retries_taken(err)
+                self._count_requests(1 + _retries_taken(err))
                 self._count_failure(err, counts)
                 return None
             counts["retry"] += retries
+            self._count_requests(1 + retries)
             self._mark_up()
             if len(answer) > self.config.max_answer_chars:
                 counts["oversized"] += 1
@@ -286,6 +339,10 @@ class LLMDecomposer:
                 counts["cache_write_error"] += 1
             return parsed
         return None
+
+    def _count_requests(self, n: int) -> None:
+        with self._lock:
+            self.requests_sent += n
 
     def _count_failure(self, err: openai.APIError, counts: Counter) -> None:
         """Count a request the client gave up on; open the breaker if the server is unusable."""

@@ -1,10 +1,14 @@
 """The paper's two decomposition prompts (Appendix Fig. 6 and Fig. 7) and their strict parsers.
 
 Both prompts put the report section first and the instruction after it, as in the figures, and
-name the anatomy by its table ``label``. The paper queries one anatomy at a time ("this approach
-significantly simplifies the complexity of description extraction"), so each prompt is about one
-anatomy of one section. Parsers return ``None`` for anything that is not the requested format: the
-caller then retries and finally falls back to the rules, instead of guessing.
+name the anatomy by its table ``label``. That order is also what makes the LLM path fast: all
+prompts about one section share its text as a prefix (one user message, no per-anatomy text
+before it), which servers with prefix caching compute once.
+
+The paper queries one anatomy at a time ("this approach significantly simplifies the complexity
+of description extraction"), so each prompt is about one anatomy of one section. Parsers return
+``None`` for anything that is not the requested format: the caller then retries and finally falls
+back to the rules, instead of guessing.
 """
 
 from __future__ import annotations

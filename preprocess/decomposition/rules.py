@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
+from typing import Any
 
 from fvlm.anatomy import AnatomyTable
 
@@ -24,7 +25,7 @@ from .merge import SectionText, merge_sections
 from .normal_flag import NormalFlag, normal_flags
 from .string_matching import KeywordMatcher
 
-__all__ = ["RuleDecomposer", "SentenceReading", "split_sentences"]
+__all__ = ["RuleDecomposer", "SentenceReading", "no_anatomy_found", "split_sentences"]
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,8 @@ class RuleDecomposer:
         """Decompose one report.
 
         Outcomes count ``rules`` (section-anatomy texts), ``default`` (anatomies mentioned
-        nowhere) and ``normal_impression``/``normal_findings`` (which section decided the normal
-        flag of a mentioned anatomy).
+        nowhere), ``normal_impression``/``normal_findings`` (which section decided the normal
+        flag of a mentioned anatomy) and ``no_anatomy_found`` (:func:`no_anatomy_found`).
         """
         readings = [self.read(part) for part in (findings, impression)]
         sections = [
@@ -117,4 +118,15 @@ class RuleDecomposer:
         outcomes.update(
             f"normal_{d.normal_source}" for d in anatomies.values() if d.source != "default"
         )
+        outcomes["no_anatomy_found"] += no_anatomy_found(findings, impression, anatomies)
         return Decomposition(anatomies, +outcomes)
+
+
+def no_anatomy_found(findings: str, impression: str, anatomies: dict[str, Any]) -> bool:
+    """A report with text in which no anatomy of the table is found (counted per study).
+
+    Another language, another body region or only global statements ("within normal limits"):
+    every anatomy is then normal by default, which the run's summary must make visible.
+    """
+    has_text = bool(findings.strip() or impression.strip())
+    return has_text and all(d.source == "default" for d in anatomies.values())

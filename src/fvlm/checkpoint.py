@@ -119,7 +119,10 @@ def load_network(path: str | Path, map_location: str | torch.device = "cpu") -> 
     if not isinstance(hparams, Mapping) or not isinstance(state, Mapping):
         raise ValueError(f"{path}: checkpoint lacks 'hyper_parameters' or 'state_dict'")
     hparams = dict(hparams)
-    network = build_network(kind, **network_options(hparams))
+    options = network_options(hparams)
+    if isinstance(options.get("vision"), Mapping):  # the weights come from the file: no MAE fetch
+        options["vision"] = dict(options["vision"]) | {"init_from": None}
+    network = build_network(kind, **options)
     try:
         network.load_state_dict(_network_state(state, path))
     except RuntimeError as err:

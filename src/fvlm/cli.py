@@ -4,9 +4,10 @@ Each subcommand is one :class:`Command` line in :data:`COMMANDS`. Its options ar
 the typed signature of the function it runs (help texts from the docstring's ``Args``), so a new
 parameter of, say, :func:`fvlm.phantom.generate_phantom` is a new ``fvlm phantom`` option without
 touching this file. Every subcommand takes ``--config FILE`` (command-line values override it),
-``--print_config`` and ``--help``. ``fit``/``validate``/``test``/``predict`` are LightningCLI's,
-also installed as the ``lightning`` console script so that ``lightning fit --config
-configs/fvlm.yaml`` works (Lightning itself ships no such script).
+``--print_config`` and ``--help``. ``fit``/``validate``/``test`` are LightningCLI's, also installed
+as the ``lightning`` console script so that ``lightning fit --config configs/fvlm.yaml`` works
+(Lightning itself ships no such script); ``lightning predict`` is LightningCLI's prediction loop,
+while ``fvlm predict`` runs a trained model on one's own scans (:mod:`fvlm.predict`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Command:
         lightning: LightningCLI subcommand: the function gets ``[name, *args]`` and parses them.
         configs: Folder of packaged configs (``fvlm.configs``) that ``--config NAME`` may name
             (``None``: paths only).
+        repeatable: List options given once per value (``--query A --query B``), appended.
     """
 
     name: str
@@ -49,6 +51,7 @@ class Command:
     done: str | None = None
     lightning: bool = False
     configs: str | None = None
+    repeatable: tuple[str, ...] = ()
 
     def function(self) -> Callable[..., object]:
         """The callable behind ``target``."""
@@ -85,7 +88,17 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command("test", _LIGHTNING_CLI, "Test loop (LightningCLI).", lightning=True, configs=""),
     Command(
-        "predict", _LIGHTNING_CLI, "Prediction loop (LightningCLI).", lightning=True, configs=""
+        "predict",
+        "fvlm.predict:predict",
+        "Run a trained model on your own scans: findings, embeddings, heatmaps.",
+        configs="",
+        repeatable=("query",),
+    ),
+    Command(
+        "export",
+        "fvlm.pretrained:export",
+        "Turn a training checkpoint into a pretrained folder (safetensors + JSON).",
+        done="pretrained folder: {}",
     ),
     Command(
         "crop-report",
@@ -101,6 +114,12 @@ COMMANDS: tuple[Command, ...] = (
         "eval-ctrate",
         "fvlm.evaluation.commands:eval_ctrate",
         "CT-RATE zero-shot evaluation (preprocesses the published layout).",
+    ),
+    Command(
+        "ablation",
+        "fvlm.ablation:ablation",
+        "The paper's ablations (Tab. 4, 5 and Tab. 1's reference rows): train, evaluate, tabulate.",
+        configs="",
     ),
     Command(
         "eval-radchestct",
@@ -159,6 +178,7 @@ def _run(name: str, args: list[str], console: bool) -> int:
     command = _BY_NAME[name]
     if command.configs is not None:
         args = _packaged_config_args(args, command.configs)
+    args = _appending(args, command.repeatable)
     function = command.function()
     if command.lightning:
         if console:  # LightningCLI reads sys.argv itself, and warns when also given args
@@ -184,6 +204,16 @@ def _run(name: str, args: list[str], console: bool) -> int:
         print(command.done.format(result))
         return 0
     return int(result or 0)
+
+
+def _appending(args: list[str], options: tuple[str, ...]) -> list[str]:
+    """``--name value`` of a repeatable option as jsonargparse's appending ``--name+ value``."""
+    flags = {f"--{name}" for name in options}
+    resolved = []
+    for arg in args:
+        option, equals, value = arg.partition("=")
+        resolved.append(f"{option}+{equals}{value}" if option in flags else arg)
+    return resolved
 
 
 def _packaged_config_args(args: list[str], group: str) -> list[str]:

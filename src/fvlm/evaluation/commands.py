@@ -25,6 +25,7 @@ from fvlm.evaluation.radchestct import (
     radchestct_manifest,
 )
 from fvlm.evaluation.run import evaluate_checkpoints, print_results
+from fvlm.evaluation.zero_shot import Protocol
 from fvlm.preprocess.cache import CacheBusy
 from fvlm.preprocess.config import PreprocessConfig
 from fvlm.preprocess.runner import run_preprocess
@@ -59,6 +60,10 @@ def evaluate(
     batch_size: int = 4,
     num_workers: int = 0,
     absent_rule: AbsentRule = "not_evaluable",
+    protocol: Protocol = "ours",
+    retrieval: bool = True,
+    linear_probe: bool = True,
+    tsne: bool = True,
 ) -> int:
     """Zero-shot evaluation of one or more checkpoints on a preprocessing cache.
 
@@ -86,6 +91,17 @@ def evaluate(
         absent_rule: A study without the disease's anatomy: ``not_evaluable`` (left out of the
             disease) or ``negative`` (scored as the disease's most confident negative; only
             where the scans' field of view covers the anatomy's region).
+        protocol: Prompts: ``ours`` (several templates per side, the negatives describing the
+            normal anatomy), ``fvlm`` (the authors' "X." / "Not x.") or ``ctclip`` ("X is
+            present." / "X is not present."). A supervised-baseline checkpoint is scored by its
+            own head.
+        retrieval: Image-to-text and text-to-image Recall@1/5/10 per anatomy and whole scan
+            (``<out>/<name>/retrieval.csv``).
+        linear_probe: Logistic regression on the frozen embeddings, AUROC per disease at 1, 5,
+            10 and 100 % of the training labels (``<out>/<name>/linear_probe.csv``,
+            ``<out>/linear_probe_fewshot.png``).
+        tsne: t-SNE maps of the embeddings coloured by disease, models side by side
+            (``<out>/tsne.png``).
     """
     paths, names = _checkpoints(ckpt, name)
     try:
@@ -95,6 +111,7 @@ def evaluate(
     results = evaluate_checkpoints(
         paths, names, cache, table, out, split, anatomy_table, benchmark, threshold, bootstrap,
         device, batch_size=batch_size, num_workers=num_workers, absent_rule=absent_rule,
+        protocol=protocol, retrieval=retrieval, probe=linear_probe, tsne=tsne,
     )  # fmt: skip
     print_results(results, out)
     return 0

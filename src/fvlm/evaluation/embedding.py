@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from fvlm.anatomy import AnatomyTable
 from fvlm.checkpoint import TrainedNetwork
+from fvlm.data_modules.collate import CROP_EXTENT, finish_crops
 from fvlm.data_modules.study_dataset import CachedStudyDataset
 from fvlm.evaluation.crop_plan import CropPlan, plan_crops, tile_crops
 from fvlm.evaluation.evaluability import AnatomyStatus, anatomy_status
@@ -163,10 +164,11 @@ class PlannedCrops(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         study_id = self.study_ids[int(self.study_of[index])]
-        image, anatomy = self.studies.read_crop(*self._arrays(study_id), self.starts[index])
+        image, anatomy, extent = self.studies.read_crop(*self._arrays(study_id), self.starts[index])
         return {
             "image": torch.from_numpy(image).unsqueeze(0),
             "anatomy": torch.from_numpy(anatomy),
+            CROP_EXTENT: torch.from_numpy(extent),
             "index": index,
         }
 
@@ -211,13 +213,16 @@ def embed_studies(
     sums = torch.zeros((n_studies, width) if is_clip else (n_studies, len(table), width))
     loader = DataLoader(crops, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     for batch in tqdm(loader, desc=f"embed {split}", unit="batch", disable=not progress):
-        image, index = batch["image"].to(device), batch["index"].numpy()
+        # Converted to float32 and padded on the device, as training batches are.
+        moved = {k: batch[k].to(device) for k in ("image", "anatomy", CROP_EXTENT)}
+        finished = finish_crops(moved)
+        image, index = finished["image"], batch["index"].numpy()
         owner = torch.as_tensor(crops.study_of[index])
         if is_clip:
             emb = F.normalize(network.encode_image(image)[:, 0].float(), dim=-1).cpu()
             sums.index_add_(0, owner, emb)
             continue
-        emb, seen = network.encode_image_with_presence(image, batch["anatomy"].to(device))
+        emb, seen = network.encode_image_with_presence(image, finished["anatomy"])
         emb, served = emb.float().cpu(), torch.as_tensor(crops.served[index])
         missing = served & ~seen.cpu()
         if missing.any():

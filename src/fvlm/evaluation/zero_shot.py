@@ -27,6 +27,16 @@ Which image embedding a disease uses:
 
 :mod:`~fvlm.evaluation.evaluability` decides which anatomies are valid in an evaluation and the
 documented rule for absent ones.
+
+Protocols (``fvlm evaluate --protocol``), so numbers compare with the anchors' tables:
+
+* ``ours`` (default): :data:`DEFAULT_POSITIVE_TEMPLATES` / :data:`DEFAULT_NEGATIVE_TEMPLATES` over
+  every term of the disease, the negatives describing the normal anatomy in the training texts'
+  words.
+* ``fvlm``: the authors' prompts, one pair per disease from its printed label: "X." / "Not x."
+  (paper Tab. 1/2).
+* ``ctclip``: CT-CLIP's, "X is present." / "X is not present." (CT-CLIP's and the paper's Tab. 2
+  CT-RATE / Rad-ChestCT numbers).
 """
 
 from __future__ import annotations
@@ -47,7 +57,9 @@ from fvlm.models.fine_grained_clip import whole_scan_embedding
 __all__ = [
     "DEFAULT_NEGATIVE_TEMPLATES",
     "DEFAULT_POSITIVE_TEMPLATES",
+    "PROTOCOLS",
     "PromptTemplates",
+    "Protocol",
     "build_prompts",
     "whole_scan_embedding",
     "zero_shot_scores",
@@ -92,12 +104,18 @@ class PromptTemplates:
         global_anatomy: what ``{anatomy}`` reads for whole-scan diseases (``global/...``).
         strip_article_in_negative: write "no enlarged heart" rather than "no an enlarged heart"
             for terms that start with an article.
+        use_label: fill ``{term}`` with the disease's printed label only (first letter lower
+            case unless it is an acronym), not with each of its ``terms``: one prompt pair per
+            disease, as the anchors' protocols.
+        capitalize: upper-case the first letter of every prompt.
     """
 
     positive: tuple[str, ...] = DEFAULT_POSITIVE_TEMPLATES
     negative: tuple[str, ...] = DEFAULT_NEGATIVE_TEMPLATES
     global_anatomy: str = "scan"
     strip_article_in_negative: bool = True
+    use_label: bool = False
+    capitalize: bool = False
 
     def __post_init__(self) -> None:
         for side in ("positive", "negative"):
@@ -114,6 +132,33 @@ class PromptTemplates:
                     )
         if not any("{term}" in t for t in self.positive):
             raise ValueError("at least one positive template must name the finding ({term})")
+
+
+Protocol = Literal["ours", "fvlm", "ctclip"]
+PROTOCOLS: dict[str, PromptTemplates] = {
+    "ours": PromptTemplates(),
+    "fvlm": PromptTemplates(
+        positive=("{term}.",), negative=("Not {term}.",), use_label=True, capitalize=True
+    ),
+    "ctclip": PromptTemplates(
+        positive=("{term} is present.",),
+        negative=("{term} is not present.",),
+        use_label=True,
+        capitalize=True,
+    ),
+}
+"""Prompt templates of each evaluation protocol (module notes)."""
+
+
+def _label_term(label: str) -> str:
+    """A printed label as a term inside a sentence: "Hepatic steatosis" -> "hepatic steatosis"."""
+    if len(label) > 1 and label[1].isupper():  # an acronym ("CT", "COPD") stays as it is
+        return label
+    return label[:1].lower() + label[1:]
+
+
+def _sentence(text: str, capitalize: bool) -> str:
+    return text[:1].upper() + text[1:] if capitalize else text
 
 
 def _bare(term: str) -> str:
@@ -155,13 +200,21 @@ def build_prompts(
                 f"disease {disease.key!r}: anatomy {disease.anatomy!r} is not in table "
                 f"{table.name!r}"
             )
-        terms = disease.terms or (disease.label.lower(),)
+        if templates.use_label:
+            terms = (_label_term(disease.label),)
+        else:
+            terms = disease.terms or (disease.label.lower(),)
         neg_terms = [_bare(t) if templates.strip_article_in_negative else t for t in terms]
+        cap = templates.capitalize
         positive = [
-            t.format(anatomy=anatomy, term=term) for t in templates.positive for term in terms
+            _sentence(t.format(anatomy=anatomy, term=term), cap)
+            for t in templates.positive
+            for term in terms
         ]
         negative = [
-            t.format(anatomy=anatomy, term=term) for t in templates.negative for term in neg_terms
+            _sentence(t.format(anatomy=anatomy, term=term), cap)
+            for t in templates.negative
+            for term in neg_terms
         ]
         prompts[disease.key] = (_unique(positive), _unique(negative))
     return prompts

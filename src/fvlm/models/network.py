@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from fvlm.models.fine_grained_clip import FineGrainedCLIP
 from fvlm.models.global_clip import GlobalCLIP
+from fvlm.models.supervised import AnatomyClassifier
 from fvlm.models.text import MINILM, TextPooling
 from fvlm.models.vision import VisionConfig
 
 __all__ = ["NETWORK_KINDS", "NetworkKind", "build_network", "network_options"]
 
-NetworkKind = Literal["fine_grained", "global"]
+NetworkKind = Literal["fine_grained", "global", "supervised"]
 NETWORK_KINDS: dict[str, type[FineGrainedCLIP] | type[GlobalCLIP]] = {
     "fine_grained": FineGrainedCLIP,
     "global": GlobalCLIP,
+    "supervised": AnatomyClassifier,
 }
 """The allow-list of networks a checkpoint may ask for (by kind, never by an import path)."""
 
@@ -40,6 +42,7 @@ def build_network(
     pooling_heads: int = 8,
     temperature: float = 0.07,
     max_logit_scale: float = 100.0,
+    disease_anatomies: Sequence[int] = (),
 ) -> FineGrainedCLIP | GlobalCLIP:
     """A fresh network of ``kind`` with the towers' options.
 
@@ -57,6 +60,8 @@ def build_network(
         pooling_heads: Heads of the anatomy attention (``fine_grained`` only).
         temperature: Initial temperature.
         max_logit_scale: Cap of ``1 / temperature``.
+        disease_anatomies: Anatomy index per disease of the supervised baseline's head
+            (``supervised`` only; :class:`~fvlm.models.supervised.DiseaseHead`).
     """
     if kind not in NETWORK_KINDS:
         raise ValueError(f"unknown network kind {kind!r}; choose one of {sorted(NETWORK_KINDS)}")
@@ -82,6 +87,10 @@ def build_network(
         return GlobalCLIP(**common)
     if num_anatomies < 1:
         raise ValueError("num_anatomies must be >= 1 (linked from data.num_anatomies)")
+    if kind == "supervised":
+        return AnatomyClassifier(
+            num_anatomies, list(disease_anatomies), pooling_heads=pooling_heads, **common
+        )
     return FineGrainedCLIP(num_anatomies=num_anatomies, pooling_heads=pooling_heads, **common)
 
 

@@ -41,6 +41,8 @@ __all__ = [
     "inflate_patch_kernel",
     "inflate_position_embedding",
     "load_2d_checkpoint",
+    "read_init_source",
+    "warn_if_uninitialised",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,10 @@ class VisionConfig:
         qkv_bias: Bias on the fused qkv projection; True matches timm/MAE checkpoints.
         checkpoint_activations: Recompute each block in the backward pass (saves memory at the
             cost of about one extra forward); only active in training mode.
-        init_from: Optional local 2D ViT/MAE checkpoint to inflate at construction.
+        init_from: Optional 2D ViT/MAE weights to inflate at construction: a local checkpoint
+            file (``.pth``/``.pt``/``.safetensors``) or a timm pretrained model name such as
+            ``vit_base_patch16_224.mae`` (the paper's MAE ImageNet-1K ViT-B), which timm fetches
+            from the Hugging Face hub or its cache (see :func:`read_init_source`).
         hu_windows: Optional HU windows ``[[low, high], ...]``, one input channel each
             (:class:`~fvlm.models.intensity_windows.IntensityWindows`); ``None`` feeds the cached
             intensities as one channel (the paper).
@@ -275,7 +280,7 @@ class VisionTransformer3D(nn.Module):
         # c * sum(w) makes the direction, hence the token, depend on c from the first step.
         nn.init.normal_(self.patch_embedding.patch_embeddings.bias, std=0.5)
         if config.init_from:
-            load_2d_checkpoint(self, config.init_from)
+            load_2d_checkpoint(self, read_init_source(config.init_from))
 
     @property
     def grid_size(self) -> Triple:
@@ -434,6 +439,70 @@ def inflate_position_embedding(pos_2d: torch.Tensor, grid: Triple) -> torch.Tens
         table = F.interpolate(table, size=(height, width), mode="bicubic", align_corners=False)
     table = table.permute(0, 2, 3, 1)[:, None].expand(1, depth, height, width, channels)
     return table.reshape(1, depth * height * width, channels).to(pos_2d.dtype)
+
+
+#: Endings that make ``init_from`` a file path rather than a timm model name.
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".pkl")
+#: Widths from which a randomly initialised tower is worth a warning (ViT-B, the paper's).
+PAPER_WIDTH = 768
+
+
+def read_init_source(init_from: str | Path) -> Path | dict[str, torch.Tensor]:
+    """Where ``VisionConfig.init_from`` points: a local file, else a timm model's weights.
+
+    An existing path (or a string that looks like one: a folder separator or a checkpoint suffix)
+    is returned as a path for :func:`load_2d_checkpoint`. Anything else must be a timm model name
+    with pretrained weights (``vit_base_patch16_224.mae``); ``timm.create_model(name,
+    pretrained=True)`` fetches them through the Hugging Face hub, or reads timm's cache offline.
+
+    Raises:
+        FileNotFoundError: A path that does not exist.
+        ValueError: Neither a file nor a timm model name.
+        RuntimeError: timm could not get the weights (offline and not cached); the message says
+            how to save them to a local file on a machine with network access.
+    """
+    text = str(init_from)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if "/" in text or "\\" in text or text.endswith(_CHECKPOINT_SUFFIXES):
+        raise FileNotFoundError(f"vision init_from {text!r}: no such checkpoint file")
+    import timm  # only named checkpoints need it
+
+    if not timm.is_model(text):
+        raise ValueError(
+            f"vision init_from {text!r}: neither a checkpoint file nor a timm model name "
+            "(e.g. vit_base_patch16_224.mae, the paper's MAE ViT-B)"
+        )
+    try:
+        model = timm.create_model(text, pretrained=True)
+    except Exception as err:  # hub, network and cache errors vary by version
+        save = (
+            'python -c "import timm, safetensors.torch as st; st.save_file(timm.create_model('
+            f"'{text}', pretrained=True).state_dict(), '{text}.safetensors')\""
+        )
+        raise RuntimeError(
+            f"vision init_from {text!r}: timm could not fetch the pretrained weights "
+            f"({type(err).__name__}: {str(err)[:200]}). Offline, save them where the network is "
+            f"reachable with `{save}` and set init_from to that file's path"
+        ) from err
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def warn_if_uninitialised(config: VisionConfig) -> bool:
+    """Log a warning when a ViT-B-wide tower trains from random weights; return whether it did.
+
+    The paper initialises its ViT-B from MAE ImageNet-1K weights (A.2); a run of that shape
+    without ``init_from`` is almost always a forgotten option rather than a choice.
+    """
+    if config.hidden_size < PAPER_WIDTH or config.init_from:
+        return False
+    log.warning(
+        "the %d-wide vision tower trains from random weights: the paper starts from MAE "
+        "ImageNet-1K (vision init_from: vit_base_patch16_224.mae, or a local checkpoint file)",
+        config.hidden_size,
+    )
+    return True
 
 
 def _read_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

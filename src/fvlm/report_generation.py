@@ -1,0 +1,415 @@
+"""Radiology report generation from a 3D image encoder (paper Sec. 4.3, Tab. 3), and anatomy-wise.
+
+Whole-report generation (the paper): the encoder's visual tokens are projected to the width of a
+BERT-family decoder (``is_decoder=True, add_cross_attention=True``) that is trained with the
+language-modelling loss under teacher forcing and decodes greedily or by beam search through
+``transformers``' ``generate``.
+
+Anatomy-wise generation (beyond the paper, its stated next step): the decoder is conditioned on
+one anatomy at a time: the mean of the tokens that cover it (its pooled feature), those tokens
+themselves and a learned embedding of which anatomy it is; it writes that anatomy's decomposed
+description (the cache's ``report.json`` texts). A small head on the pooled feature says whether
+the anatomy is normal; :func:`assemble_report` writes the abnormal anatomies' descriptions in the
+anatomy table's order and summarises the normal ones in one sentence. The conditioning does not
+use anything an fVLM encoder has and a CLIP or random one lacks, so encoders compare fairly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fvlm.models.anatomy_pooling import token_membership
+from fvlm.models.text import MINILM, resolve_text_model
+
+if TYPE_CHECKING:
+    from transformers import BertLMHeadModel
+
+    from fvlm.models.vision import VisionTransformer3D
+
+__all__ = [
+    "GenerationMode",
+    "ReportGenerator",
+    "TargetStats",
+    "VisualMemory",
+    "assemble_report",
+    "build_decoder",
+    "clean_description",
+    "prepare_targets",
+]
+
+GenerationMode = Literal["whole", "anatomy"]
+_NULL_SENTENCE = re.compile(r"(?:^|(?<=[.;!?]))\s*null\s*(?:[.;]|$)", re.IGNORECASE)
+
+
+def build_decoder(
+    text_model: str = MINILM,
+    config: Mapping[str, Any] | None = None,
+    num_layers: int | None = None,
+) -> BertLMHeadModel:
+    """A BERT-family causal LM with cross-attention to visual memory.
+
+    Args:
+        text_model: Pretrained weights (``minilm``, a local path or a hub name) whose self-attention
+            layers, embeddings and vocabulary start the decoder; the cross-attention and the LM
+            head's transform are new.
+        config: ``BertConfig`` fields of a randomly initialised decoder (tests); overrides
+            ``text_model``.
+        num_layers: Keep only the first ``k`` layers of the pretrained model (a CPU-sized
+            decoder); ``None`` keeps all.
+    """
+    from transformers import BertConfig, BertLMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    if config is not None:
+        fields = {**dict(config), "is_decoder": True, "add_cross_attention": True}
+        return BertLMHeadModel(BertConfig(**fields))
+    extra = {} if num_layers is None else {"num_hidden_layers": int(num_layers)}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the new cross-attention weights are expected, not news
+    try:
+        return BertLMHeadModel.from_pretrained(
+            resolve_text_model(text_model), is_decoder=True, add_cross_attention=True, **extra
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+@dataclass
+class TargetStats:
+    """Counted target outcomes of a batch (bad input is counted, not silently trained on).
+
+    Attributes:
+        empty: Targets without a single word (only special tokens); left out of the loss.
+        truncated: Targets longer than the decoder limit, cut to it (they lose their end token).
+    """
+
+    empty: int = 0
+    truncated: int = 0
+
+
+def prepare_targets(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, max_length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TargetStats]:
+    """Cut tokenised targets to ``max_length`` and mark what the LM loss must ignore.
+
+    Args:
+        input_ids: ``(M, L)`` ``[CLS] text [SEP] [PAD]...`` ids; ``[CLS]`` is the start token.
+        attention_mask: ``(M, L)`` 1 on real tokens.
+        max_length: The decoder's target limit (at most its position embeddings).
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``labels`` (``-100`` on padding and on every token of an
+        empty target) and the counts.
+    """
+    lengths = attention_mask.sum(-1)
+    stats = TargetStats(
+        empty=int((lengths <= 2).sum()), truncated=int((lengths > max_length).sum())
+    )
+    input_ids, attention_mask = input_ids[:, :max_length], attention_mask[:, :max_length]
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[lengths <= 2] = -100
+    return input_ids, attention_mask, labels, stats
+
+
+def clean_description(text: str) -> str:
+    """A description without the decomposition's ``null`` placeholders (missing section)."""
+    return re.sub(r"\s+", " ", _NULL_SENTENCE.sub(" ", text)).strip()
+
+
+def assemble_report(
+    descriptions: Sequence[str | None], normal: Sequence[bool], names: Sequence[str]
+) -> str:
+    """One report from per-anatomy outputs, in the anatomy table's order.
+
+    Abnormal anatomies contribute their generated description; the normal ones are named in one
+    closing sentence. Anatomies the image does not show (``None``) are left out.
+
+    Args:
+        descriptions: Generated text per table anatomy, ``None`` where the anatomy is absent.
+        normal: Predicted normal flag per table anatomy.
+        names: Table anatomy names (underscores become spaces).
+    """
+    if not len(descriptions) == len(normal) == len(names):
+        raise ValueError(
+            f"descriptions ({len(descriptions)}), normal ({len(normal)}) and names "
+            f"({len(names)}) must have one entry per anatomy"
+        )
+    parts, quiet = [], []
+    for text, is_normal, name in zip(descriptions, normal, names, strict=True):
+        if text is None:
+            continue
+        if is_normal:
+            quiet.append(name.replace("_", " "))
+        elif cleaned := clean_description(text):
+            parts.append(cleaned if cleaned[-1] in ".!?" else cleaned + ".")
+    if quiet:
+        listed = quiet[0] if len(quiet) == 1 else ", ".join(quiet[:-1]) + " and " + quiet[-1]
+        verb = "shows" if len(quiet) == 1 else "show"
+        parts.append(f"The {listed} {verb} no significant abnormalities.")
+    return " ".join(parts)
+
+
+class VisualMemory(nn.Module):
+    """Encoder tokens -> decoder width: what the decoder's cross-attention reads.
+
+    Whole-report memory is every visual token. Anatomy memory is the anatomy's pooled token (the
+    mean of its tokens) followed by its tokens, each plus the anatomy's learned embedding; the
+    tokens of each pair are gathered (not masked from the whole grid), so the memory is as long as
+    the largest anatomy of the batch, not the whole grid.
+    """
+
+    def __init__(self, vision_width: int, decoder_width: int, num_anatomies: int) -> None:
+        """Projection, and one embedding per anatomy of the table."""
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Linear(vision_width, decoder_width), nn.LayerNorm(decoder_width)
+        )
+        self.anatomy_embedding = nn.Embedding(max(num_anatomies, 1), decoder_width)
+
+    def whole(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Memory ``(B, N, H)`` and its all-ones mask of whole-report generation."""
+        memory = self.proj(tokens)
+        return memory, torch.ones(memory.shape[:2], dtype=torch.long, device=memory.device)
+
+    def anatomy(
+        self,
+        tokens: torch.Tensor,
+        membership: torch.Tensor,
+        sample: torch.Tensor,
+        anatomy: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Memory of (sample, anatomy) pairs.
+
+        Args:
+            tokens: ``(B, N, C)`` visual tokens.
+            membership: ``(B, A, N)`` bool, token covers anatomy (:func:`token_membership`).
+            sample: ``(P,)`` sample index of each pair.
+            anatomy: ``(P,)`` anatomy index of each pair; each must own at least one token.
+
+        Returns:
+            Memory ``(P, 1 + K, H)``, its mask ``(P, 1 + K)`` and the pooled token ``(P, H)``.
+        """
+        member = membership[sample, anatomy]  # (P, N)
+        counts = member.sum(-1, keepdim=True)
+        if bool((counts == 0).any()):
+            raise ValueError("every (sample, anatomy) pair must own at least one visual token")
+        sums = torch.bmm(membership.to(tokens.dtype), tokens)  # (B, A, C): one pass per sample
+        pooled = sums[sample, anatomy] / counts
+        width = int(counts.max())
+        order = member.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[:, :width]
+        picked = tokens[sample[:, None], order]  # (P, K, C)
+        where = self.anatomy_embedding(anatomy)[:, None]
+        memory = self.proj(torch.cat([pooled[:, None], picked], dim=1)) + where
+        mask = torch.cat([torch.ones_like(counts), member.gather(1, order).long()], dim=1)
+        return memory, mask, memory[:, 0]
+
+
+class ReportGenerator(nn.Module):
+    """3D encoder -> visual memory -> BERT decoder; whole-report or anatomy-wise.
+
+    Args:
+        encoder: The 3D ViT (random, or the vision tower of an fVLM / CLIP checkpoint).
+        decoder: A :func:`build_decoder` model.
+        num_anatomies: Anatomy table length ``A`` (labels ``a + 1`` in the anatomy map).
+        mode: ``whole`` (paper) or ``anatomy``.
+        frozen: The paper's frozen protocol: the encoder is not trained and runs in eval mode;
+            ``False`` is its fine-tuning protocol.
+        bos_token_id: Start token (BERT: ``[CLS]``, as the targets are tokenised).
+        eos_token_id: End token (BERT: ``[SEP]``).
+        pad_token_id: Padding.
+        max_target_length: Target tokens kept (longer targets are cut and counted).
+        max_pairs: Anatomy mode: at most this many (sample, anatomy) pairs per training batch,
+            abnormal ones first, the rest drawn at random among the normal ones (a batch holds
+            ~30 mostly normal pairs per study and the LM head over the vocabulary dominates the
+            step); ``None`` trains on all.
+    """
+
+    def __init__(
+        self,
+        encoder: VisionTransformer3D,
+        decoder: BertLMHeadModel,
+        num_anatomies: int,
+        mode: GenerationMode = "whole",
+        frozen: bool = True,
+        bos_token_id: int = 101,
+        eos_token_id: int = 102,
+        pad_token_id: int = 0,
+        max_target_length: int = 256,
+        max_pairs: int | None = None,
+    ) -> None:
+        super().__init__()
+        if max_pairs is not None and max_pairs < 1:
+            raise ValueError(f"max_pairs must be >= 1 or None, got {max_pairs}")
+        if mode not in ("whole", "anatomy"):
+            raise ValueError(f"mode must be 'whole' or 'anatomy', got {mode!r}")
+        limit = int(decoder.config.max_position_embeddings)
+        if not 2 < max_target_length <= limit:
+            raise ValueError(
+                f"max_target_length must be in 3..{limit} (the decoder's position limit), "
+                f"got {max_target_length}"
+            )
+        self.encoder, self.decoder = encoder, decoder
+        self.num_anatomies, self.mode, self.frozen = num_anatomies, mode, frozen
+        self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
+        self.pad_token_id, self.max_target_length = pad_token_id, max_target_length
+        self.max_pairs = max_pairs
+        width = int(decoder.config.hidden_size)
+        self.memory = VisualMemory(encoder.hidden_size, width, num_anatomies)
+        self.normal_head = nn.Linear(width, 1) if mode == "anatomy" else None
+        if frozen:
+            self.encoder.requires_grad_(False)
+        self.train()
+
+    def train(self, mode: bool = True) -> ReportGenerator:
+        """A frozen encoder stays in eval mode (no dropout on features it does not learn)."""
+        super().train(mode)
+        if self.frozen:
+            self.encoder.eval()
+        return self
+
+    def visual_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens ``(B, N, C)``; without a graph under the frozen protocol."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return self.encoder(image)
+
+    def pairs(
+        self, anatomy: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Membership ``(B, A, N)`` and the (sample, anatomy) pairs to describe.
+
+        A pair is described when the anatomy owns a token of the crop (and, in training, when it
+        is ``valid``: wholly inside the crop, as its description assumes).
+        """
+        membership = token_membership(anatomy, self.num_anatomies, self.encoder.patch_size)
+        keep = membership.any(-1)
+        if valid is not None:
+            keep = keep & valid.bool()
+        sample, index = keep.nonzero(as_tuple=True)
+        return membership, sample, index
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Teacher-forced LM loss (anatomy mode: plus the normal head's BCE) and target counts.
+
+        Whole mode reads ``report_input_ids``/``report_attention_mask``; anatomy mode reads
+        ``anatomy``, ``valid``, ``normal`` and ``text_input_ids``/``text_attention_mask``.
+        """
+        tokens = self.visual_tokens(batch["image"])
+        if self.mode == "whole":
+            memory, mask = self.memory.whole(tokens)
+            ids, attention = batch["report_input_ids"], batch["report_attention_mask"]
+            normal_loss = None
+        else:
+            membership, sample, index = self.pairs(batch["anatomy"], batch["valid"])
+            if sample.numel() == 0:
+                raise ValueError(
+                    f"no anatomy of studies {list(batch.get('study_id', []))} is valid in its "
+                    "crop: nothing to describe"
+                )
+            sample, index = self._subsample(sample, index, batch["normal"][sample, index])
+            memory, mask, pooled = self.memory.anatomy(tokens, membership, sample, index)
+            ids = batch["text_input_ids"][sample, index]
+            attention = batch["text_attention_mask"][sample, index]
+            target = batch["normal"][sample, index].float()
+            logits = self.normal_head(pooled).squeeze(-1)
+            normal_loss = F.binary_cross_entropy_with_logits(logits, target)
+        ids, attention, labels, stats = prepare_targets(ids, attention, self.max_target_length)
+        lm_loss = self._lm_loss(ids, attention, labels, memory, mask)
+        losses = {"lm_loss": lm_loss, "loss": lm_loss, "stats": stats}
+        if normal_loss is not None:
+            losses["normal_loss"] = normal_loss
+            losses["loss"] = lm_loss + normal_loss
+        return losses
+
+    def _subsample(
+        self, sample: torch.Tensor, index: torch.Tensor, normal: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.max_pairs is None or sample.numel() <= self.max_pairs:
+            return sample, index
+        noise = torch.rand(sample.shape, device=sample.device)
+        keep = (noise + (~normal.bool()).float()).argsort(descending=True)[: self.max_pairs]
+        keep = keep.sort().values
+        return sample[keep], index[keep]
+
+    def _lm_loss(
+        self,
+        ids: torch.Tensor,
+        attention: torch.Tensor,
+        labels: torch.Tensor,
+        memory: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        keep = (labels != -100).any(-1)
+        if not bool(keep.any()):  # only empty targets: nothing to learn, but a graph to return
+            return memory.sum() * 0.0
+        out = self.decoder(
+            input_ids=ids[keep],
+            attention_mask=attention[keep],
+            encoder_hidden_states=memory[keep],
+            encoder_attention_mask=mask[keep],
+            labels=labels[keep],
+        )
+        return out.loss
+
+    @torch.no_grad()
+    def _decode(
+        self, memory: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, num_beams: int
+    ) -> torch.Tensor:
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        start = torch.full((memory.shape[0], 1), self.bos_token_id, device=memory.device)
+        return self.decoder.generate(
+            input_ids=start,
+            attention_mask=torch.ones_like(start),
+            encoder_hidden_states=memory,
+            encoder_attention_mask=mask,
+            # BERT's cross-attention layers need the encoder-decoder cache kind.
+            cache=EncoderDecoderCache(DynamicCache(), DynamicCache()),
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        image: torch.Tensor,
+        anatomy: torch.Tensor | None = None,
+        max_new_tokens: int = 128,
+        num_beams: int = 1,
+    ) -> dict[str, Any]:
+        """Generated token ids (greedy with ``num_beams=1``, else beam search).
+
+        Returns:
+            Whole mode: ``{"ids": (B, T)}``. Anatomy mode: ``{"ids": (P, T), "sample": (P,),
+            "anatomy": (P,), "normal_prob": (P,)}`` for every anatomy present in the crop.
+        """
+        if max_new_tokens < 1 or num_beams < 1:
+            raise ValueError("max_new_tokens and num_beams must be >= 1")
+        was_training = self.training
+        self.eval()
+        try:
+            tokens = self.visual_tokens(image)
+            if self.mode == "whole":
+                memory, mask = self.memory.whole(tokens)
+                return {"ids": self._decode(memory, mask, max_new_tokens, num_beams)}
+            if anatomy is None:
+                raise ValueError("anatomy-wise generation needs the anatomy label map")
+            membership, sample, index = self.pairs(anatomy)
+            memory, mask, pooled = self.memory.anatomy(tokens, membership, sample, index)
+            return {
+                "ids": self._decode(memory, mask, max_new_tokens, num_beams),
+                "sample": sample,
+                "anatomy": index,
+                "normal_prob": torch.sigmoid(self.normal_head(pooled).squeeze(-1)),
+            }
+        finally:
+            self.train(was_training)
