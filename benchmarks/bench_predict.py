@@ -31,16 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from child_process import run_in_child  # noqa: E402
+from child_process import run_in_child, status_mib  # noqa: E402
 from real_size import real_size_study, volume_bytes  # noqa: E402
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
 
 
 def one_scan_child(spec: dict, results: Any) -> None:
@@ -50,7 +42,7 @@ def one_scan_child(spec: dict, results: Any) -> None:
     from fvlm.predict import _top, collect_scans, load_model
     from fvlm.pretrained import nifti_reference, write_heatmaps
 
-    base = _status_mib("VmRSS")
+    base = status_mib("VmRSS")
     clock: dict[str, list[float]] = {}
 
     def lap(stage: str, since: tuple[float, float]) -> tuple[float, float]:
@@ -83,7 +75,7 @@ def one_scan_child(spec: dict, results: Any) -> None:
     _summary_page(model, emb[0], rows, work / "cache", work / "summary.png", heat)
     lap("heatmaps", start)
     assert isinstance(rows, pd.DataFrame)
-    results.put({"stages": clock, "peak_mib": _status_mib("VmHWM") - base, "heatmaps": len(maps)})
+    results.put({"stages": clock, "peak_mib": status_mib("VmHWM") - base, "heatmaps": len(maps)})
 
 
 def paths_child(spec: dict, results: Any) -> None:

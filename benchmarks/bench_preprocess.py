@@ -45,7 +45,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from child_process import run_in_child  # noqa: E402
+from child_process import run_in_child, status_mib  # noqa: E402
 from real_size import REAL_SHAPE, real_size_study, recipe_config, volume_bytes  # noqa: E402
 
 from fvlm.anatomy import AnatomyTable, load_anatomy_table  # noqa: E402
@@ -144,14 +144,6 @@ def instrument_runner(clock: dict) -> None:
 # -- one pass per process ----------------------------------------------------------------------
 
 
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
 def _reset_peak() -> bool:
     """Reset this process's peak RSS (``VmHWM``) to its current size; False where unsupported."""
     try:
@@ -177,7 +169,7 @@ def measure_child(spec: dict, results: Any) -> None:
     if spec["side"] != "naive":
         instrument_runner(clock)
     peak_reset = _reset_peak()
-    base = _status_mib("VmRSS")
+    base = status_mib("VmRSS")
     times, cpu, stages, resumed = [], [], {}, None
     for repeat in range(spec["repeats"]):
         cache = work / f"cache-{repeat}"
@@ -207,7 +199,7 @@ def measure_child(spec: dict, results: Any) -> None:
             "seconds": min(times) / n,
             "times": [t / n for t in times],
             "cpu": min(cpu) / n,
-            "peak_mib": _status_mib("VmHWM") - base,
+            "peak_mib": status_mib("VmHWM") - base,
             "peak_from_start": not peak_reset,
             "base_mib": base,
             "stages": stages,

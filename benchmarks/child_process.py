@@ -27,3 +27,13 @@ def run_in_child(target: Callable[..., None], args: tuple, what: str) -> dict[st
                 raise RuntimeError(f"{what}: benchmark process died ({process.exitcode})") from None
     process.join(timeout=60)
     return result
+
+
+def status_mib(field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` (current / peak resident set) of this process in MiB, from Linux's
+    ``/proc/self/status``: the children's memory figures."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)

@@ -6,9 +6,10 @@ A fixture lives here once two files need it; a file's own helpers stay in that f
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
+import torch
 
 from fvlm.anatomy import AnatomyTable, load_anatomy_table
 
@@ -64,3 +65,19 @@ def tiny_bert() -> TinyBert:
         return config | overrides
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Millisecond training steps run faster on one intra-op thread on a shared machine; the
+    thread count and Lightning's ``seed_everything`` variables come back afterwards."""
+    threads = torch.get_num_threads()
+    env = {key: os.environ.get(key) for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -8,8 +8,7 @@ its targets with the partner's predictions, computed in evaluation mode without 
 from __future__ import annotations
 
 import copy
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,19 +38,7 @@ VISION = {
 N_TRAIN, BATCH = 12, 4  # 3 batches per epoch
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Millisecond steps: one intra-op thread is faster on a shared machine."""
-    threads = torch.get_num_threads()
-    env = {key: os.environ.get(key) for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for key, value in env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

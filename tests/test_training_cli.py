@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -55,19 +55,7 @@ def _unsized(config: dict) -> dict:
     return {key: value for key, value in config.items() if key != "img_size"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_and_clean_seed_env() -> Iterator[None]:
-    """One torch thread here; afterwards the thread count and seed_everything's env come back."""
-    threads = torch.get_num_threads()
-    env = {key: os.environ.get(key) for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for key, value in env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
