@@ -6,12 +6,20 @@ belongs to) are linked from the data module, so a YAML file states them once.
 
 from __future__ import annotations
 
+import warnings
+
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 from fvlm.data_modules import CTReportDataModule
 
 __all__ = ["FVLMCLI", "run_cli"]
+
+# The modules finish crops on the device in ``on_after_batch_transfer`` by design (the data module
+# has no hook of its own); Lightning warns about that on every run with a data module.
+warnings.filterwarnings(
+    "ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule`"
+)
 
 
 class FVLMCLI(LightningCLI):
