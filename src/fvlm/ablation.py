@@ -21,6 +21,8 @@ co-teaching runs (``label_correction_distance.png``, from their TensorBoard logs
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import subprocess
 import sys
 import time
@@ -312,6 +314,17 @@ def _checkpoint_progress(path: Path) -> tuple[int, int]:
     return done, int(checkpoint.get("global_step", 0))
 
 
+def _die_with_parent() -> None:
+    """SIGTERM the ``fvlm fit`` child once the ablation process dies (Linux ``prctl``).
+
+    So a killed ablation leaves no training running; elsewhere a no-op.
+    """
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _fit(base: Path, overlay: Path, run_dir: Path, resume: Path | None) -> None:
     """``fvlm fit`` in a subprocess; its output goes to ``<run>/fit.log``."""
     command = [
@@ -322,7 +335,9 @@ def _fit(base: Path, overlay: Path, run_dir: Path, resume: Path | None) -> None:
         command += ["--ckpt_path", str(resume)]
     log = run_dir / "fit.log"
     with log.open("a") as stream:
-        code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(
+            command, stdout=stream, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        ).returncode
     if code != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"fvlm fit failed for {run_dir.name} (exit {code}); {log}:\n{tail}")
