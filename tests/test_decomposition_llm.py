@@ -389,7 +389,10 @@ def test_empty_section_sends_nothing(table):
     with StubOpenAIServer(oracle) as server:
         result = LLMDecomposer(table, config(server.base_url)).decompose(FINDINGS, "   ")
     assert len(server.requests) == 4 + 3  # findings mentions + liver, spleen, small bowel
-    assert all(d.normal for d in result.anatomies.values())
+    # no impression: the findings decide (enlarged liver, duodenal wall thickening: abnormal)
+    assert {n: d.normal for n, d in result.anatomies.items()} == {
+        "liver": False, "spleen": True, "small_bowel": False, "kidney": True,
+    }  # fmt: skip
 
 
 # -- outcomes that heal: fallbacks recorded, bad servers bounded -------------------------------
@@ -626,3 +629,15 @@ def test_local_llm_reads_the_gguf_out_of_the_wheel_and_serves_on_loopback(tmp_pa
     command = local_llm.server_command(folder, 8011)
     assert command[1:3] == ["serve", str(folder)]
     assert command[command.index("--host") + 1] == "127.0.0.1" and "8011" in command
+
+
+def test_missing_impression_lets_the_findings_decide_the_normal_flag(table):
+    """ "Not given." mentions nothing, so the paper's rule would call the enlarged liver normal."""
+    with StubOpenAIServer(oracle) as server:
+        decomposer = LLMDecomposer(table, config(server.base_url))
+        missing = decomposer.decompose(FINDINGS, "Not given.").anatomies
+        present = decomposer.decompose(FINDINGS, IMPRESSION).anatomies
+    assert (missing["liver"].normal, missing["liver"].normal_source) == (False, "findings")
+    assert (missing["spleen"].normal, missing["spleen"].normal_source) == (True, "findings")
+    assert missing["kidney"].normal_source == "default"
+    assert present == EXPECTED  # an impression naming an abnormality keeps the paper's rule

@@ -48,7 +48,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -57,7 +57,7 @@ import openai
 
 from fvlm.anatomy import Anatomy, AnatomyTable
 
-from . import Decomposition
+from . import AnatomyDescription, Decomposition
 from .merge import SectionText, merge_sections
 from .prompts import (
     extraction_messages,
@@ -242,10 +242,31 @@ class LLMDecomposer:
                     fallback.add(anatomy.name)
                 if text is not None:
                     extracted[kind][anatomy.name] = text
-        anatomies = merge_sections(self.table, extracted["findings"], extracted["impression"])
+        anatomies = self._normal_fallback(
+            merge_sections(self.table, extracted["findings"], extracted["impression"]),
+            findings,
+            impression,
+        )
         outcomes["default"] += sum(d.source == "default" for d in anatomies.values())
         outcomes["no_anatomy_found"] += no_anatomy_found(findings, impression, anatomies)
         return Decomposition(anatomies, +outcomes, frozenset(fallback))
+
+    def _normal_fallback(
+        self, anatomies: dict[str, AnatomyDescription], findings: str, impression: str
+    ) -> dict[str, AnatomyDescription]:
+        """The paper's normal flag where the impression names an abnormality, else the fallback.
+
+        "Not mentioned in the impression = normal" fails on missing ("Not given.") and global
+        ("within normal limits") impressions; there the findings decide, read with negation
+        (:mod:`.normal_flag`), exactly as on the rules path, and ``normal_source`` says so.
+        """
+        flags = self.rules.normal_flags(findings, impression)
+        return {
+            name: description
+            if description.source == "default" or flags[name].source == "impression"
+            else replace(description, normal=flags[name].normal, normal_source=flags[name].source)
+            for name, description in anatomies.items()
+        }
 
     def _run(self, jobs: list[Job], run: Callable[[Job], R]) -> list[R]:
         """Results of ``run`` over ``jobs`` (in job order) with bounded concurrency.
