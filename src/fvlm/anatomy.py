@@ -24,6 +24,7 @@ __all__ = [
     "AnatomyTableError",
     "Disease",
     "PRESETS",
+    "anatomy_table_from_dict",
     "keyword_pattern",
     "load_anatomy_table",
     "normalize_keyword",
@@ -304,11 +305,19 @@ def load_anatomy_table(preset_or_path: str | Path = "paper") -> AnatomyTable:
         data = yaml.safe_load(raw)
     except yaml.YAMLError as err:
         raise AnatomyTableError(f"{source}: not valid YAML: {err}") from err
+    return anatomy_table_from_dict(data, source, Path(str(preset_or_path)).stem)
+
+
+def anatomy_table_from_dict(data: object, source: str, default_name: str = "table") -> AnatomyTable:
+    """Validate a table already parsed (the YAML schema; e.g. a pretrained folder's JSON).
+
+    Errors name ``source`` and the entry, as :func:`load_anatomy_table`'s do.
+    """
     anatomies = _require(data, "anatomies", list, source)
     if not anatomies:
         raise AnatomyTableError(f"{source}: 'anatomies' is empty")
     table = AnatomyTable(
-        name=str(data.get("name", Path(str(preset_or_path)).stem)),
+        name=str(data.get("name", default_name)),
         anatomies=tuple(_anatomy(a, f"{source}: anatomies[{i}]") for i, a in enumerate(anatomies)),
         global_diseases=tuple(
             _disease(d, None, f"{source}: global_diseases[{i}]")

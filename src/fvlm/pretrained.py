@@ -45,7 +45,13 @@ import pandas as pd
 import torch
 
 from fvlm import __version__
-from fvlm.anatomy import Anatomy, AnatomyTable, Disease, load_anatomy_table
+from fvlm.anatomy import (
+    Anatomy,
+    AnatomyTable,
+    Disease,
+    anatomy_table_from_dict,
+    load_anatomy_table,
+)
 from fvlm.checkpoint import TrainedNetwork, load_network
 from fvlm.models import NETWORK_KINDS, build_network, load_tokenizer, network_options
 
@@ -166,15 +172,11 @@ def table_to_dict(table: AnatomyTable) -> dict[str, Any]:
 
 
 def _table_from_dict(data: Mapping[str, Any], where: Path) -> AnatomyTable:
-    """Validate and load a table stored by :func:`table_to_dict` (JSON is YAML: the one loader)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{data.get('name', 'table')}.yaml"
-        path.write_text(json.dumps(dict(data)))
-        try:
-            table = load_anatomy_table(path)
-        except ValueError as err:
-            raise ValueError(f"{where}: its anatomy table is invalid: {err}") from None
-    return dataclasses.replace(table, source=str(where))
+    """Validate and load a table stored by :func:`table_to_dict` (the YAML schema's checks)."""
+    try:
+        return anatomy_table_from_dict(dict(data), str(where))
+    except ValueError as err:
+        raise ValueError(f"{where}: its anatomy table is invalid: {err}") from None
 
 
 def recipe_from_cache(cache_dir: str | Path, table: AnatomyTable) -> dict[str, Any]:
