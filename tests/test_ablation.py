@@ -244,3 +244,14 @@ def test_co_teaching_steps_count_per_network() -> None:
     cot = ab.run_results(RunSpec("fga_fncn_cot", 0), 2, table, 10.0, 5.0, steps=60)
     single = ab.run_results(RunSpec("fga_fncn", 0), 2, table, 10.0, 5.0, steps=30)
     assert cot["steps_per_network"].item() == single["steps_per_network"].item() == 30
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+def test_every_row_clips_gradients_like_the_base_config(row: str, tmp_path: Path) -> None:
+    config = row_overlay(
+        RunSpec(row, 0), tmp_path / row, epochs=7, burn_in_epochs=3,
+        cache=Path("c"), labels=Path("l.csv"), anatomy_table="paper", gradient_clip_val=1.0,
+    )  # fmt: skip
+    manual = row in ("fga_cot", "fga_fncn_cot")  # Lightning's clipping is lifted: the module clips
+    assert config["model"]["init_args"].get("gradient_clip_val") == (1.0 if manual else None)
+    assert ("gradient_clip_val" in config["trainer"]) == manual

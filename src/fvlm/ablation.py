@@ -89,7 +89,7 @@ _PLAIN = {"fncn": False, "identical_text_positive": False}
 # they contrast instance against instance as the paper's row does.
 _FNCN = {"fncn": True, "identical_text_positive": True}
 # Lightning clips gradients only under automatic optimisation; co-teaching steps its optimisers
-# itself, so the base config's trainer.gradient_clip_val is lifted for it.
+# itself, so the base config's trainer.gradient_clip_val moves to the module's own option.
 _MANUAL = {"gradient_clip_val": None}
 
 ROWS: dict[str, AblationRow] = {
@@ -228,13 +228,18 @@ def row_overlay(
     cache: Path,
     labels: Path,
     anatomy_table: str,
+    gradient_clip_val: float | None = None,
 ) -> dict[str, Any]:
     """The YAML overlay of one run: the row's module and options, the schedule and the run folder.
 
     The base config keeps everything else (towers, data, optimiser); a later ``--config`` wins.
+    A row that steps its optimisers itself gets the base trainer's ``gradient_clip_val`` as a
+    model option, so every row clips alike.
     """
     row = ROWS[spec.row]
     options: dict[str, Any] = dict(row.options)
+    if "gradient_clip_val" in row.trainer and gradient_clip_val is not None:
+        options["gradient_clip_val"] = gradient_clip_val
     if row.burn_in:
         options["burn_in_epochs"] = burn_in_epochs
     if row.seeded_pair:
@@ -610,6 +615,7 @@ def ablation(
     from fvlm.evaluation.run import evaluate_checkpoints
 
     base = resolve_config(base_config)
+    clip = (yaml.safe_load(Path(base).read_text()).get("trainer") or {}).get("gradient_clip_val")
     runs = plan_runs(rows, seeds, data_fractions)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -635,7 +641,7 @@ def ablation(
         run_dir.mkdir(parents=True, exist_ok=True)
         run_cache = cache if spec.fraction >= 1.0 else subset_cache(cache, spec.fraction, out)
         overlay = row_overlay(
-            spec, run_dir, epochs, burn_in_epochs, run_cache, labels, anatomy_table
+            spec, run_dir, epochs, burn_in_epochs, run_cache, labels, anatomy_table, clip
         )
         (run_dir / "row.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
         start = time.perf_counter()
