@@ -10,6 +10,7 @@ training process never waits on it.
 
 from __future__ import annotations
 
+import mmap
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -79,11 +80,23 @@ class _CropBatch:
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
-    """An uninitialised tensor, its storage in shared memory when ``shared`` (no copy later)."""
-    if not shared:
-        return torch.empty(shape, dtype=dtype)
+    """An uninitialised tensor, its storage in shared memory when ``shared`` (no copy later).
+
+    Otherwise the storage is an anonymous mapping advised to use transparent huge pages where
+    the kernel offers them: a fresh batch is written once, and faulting in its 4 KiB pages one by
+    one cost more CPU than reading the crops (10 against 1.8 ms per chest crop, measured).
+    """
     nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
-    storage = torch.UntypedStorage._new_shared(nbytes)
+    if shared:  # a root tensor over the storage: collate_studies recognises its rows
+        storage = torch.UntypedStorage._new_shared(nbytes)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    if nbytes == 0 or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.madvise(mmap.MADV_HUGEPAGE)
+    with warnings.catch_warnings():  # a writable buffer, shared on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        storage = torch.frombuffer(memory, dtype=torch.uint8).untyped_storage()  # keeps memory
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 

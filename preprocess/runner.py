@@ -27,7 +27,13 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Generator, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -55,10 +61,12 @@ from .dicom import folder_fingerprint
 from .manifest import Manifest, ManifestError, ManifestRow, read_manifest
 from .rescale import apply_rescale, decide_rescale
 from .segmentation import (
+    MaskFile,
     anatomy_stats,
+    check_mask_grid,
     check_totalsegmentator,
     detect_totalseg_version,
-    load_mask,
+    read_mask,
     run_totalsegmentator,
 )
 from .truncation import truncated_faces
@@ -126,6 +134,9 @@ class StudyProcessor:
         self.cache = StudyCache(config.cache, shard=shard.name if shard else None)
         self.settings = config.settings(table)
         self.config_hash = config.fingerprint(table)
+        # The cores left to each worker process: a study's image and mask decode side by side
+        # and its resampling is split across them (all 1 when workers fill the machine).
+        self.threads = max(1, len(os.sched_getaffinity(0)) // config.workers)
 
     # -- resumability ----------------------------------------------------------------------------
 
@@ -323,22 +334,32 @@ class StudyProcessor:
     ) -> tuple[np.ndarray, np.ndarray, dict, dict, Decomposition]:
         """The four cache files of one study (image, anatomy, meta, report) + its decomposition."""
         config = self.config
-        with _stage(f"image {self._relative(row.image)}"):
-            loaded = load_volume(
-                row.image, row.npz_spacing, row.geometry, config.geometry_rule, row.dicom_series
-            )
-            decision = decide_rescale(
-                loaded.volume.data, row.rescale_slope, row.rescale_intercept, config.rescale
-            )
-            hu = Volume(apply_rescale(loaded.volume.data, decision), loaded.volume.affine)
-        if decision.warning:
-            result.warnings.append(f"{row.study_id}: {decision.warning}")
-        if loaded.geometry.get("warning"):
-            result.warnings.append(f"{row.study_id}: {loaded.geometry['warning']}")
-        grouped, segmentation = self._anatomy_map(row, hu)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fvlm-mask") as pool:
+            # A precomputed mask is decoded and grouped while the image decodes (both release
+            # the GIL); its grid is checked against the image once both are read.
+            mask = None
+            if config.segmenter == "precomputed":
+                read = pool.submit(read_mask, row.mask)
+                mask = (read, pool.submit(self._group_mask, row, read))
+            with _stage(f"image {self._relative(row.image)}"):
+                loaded = load_volume(
+                    row.image, row.npz_spacing, row.geometry, config.geometry_rule, row.dicom_series
+                )
+                decision = decide_rescale(
+                    loaded.volume.data, row.rescale_slope, row.rescale_intercept, config.rescale
+                )
+                hu = Volume(apply_rescale(loaded.volume.data, decision), loaded.volume.affine)
+            if decision.warning:
+                result.warnings.append(f"{row.study_id}: {decision.warning}")
+            if loaded.geometry.get("warning"):
+                result.warnings.append(f"{row.study_id}: {loaded.geometry['warning']}")
+            grouped, segmentation = self._anatomy_map(row, hu, mask)
+            mask = read = None  # the futures hold the source-grid label map: let it go
         with _stage(f"resampling {self._relative(row.image)}"):
-            canonical, orientation = canonicalise(hu)
-            canonical_anatomy, _ = canonicalise(Volume(grouped, hu.affine))
+            # Views, not copies: the resampling reads any layout, and a copy would hold the
+            # source grid twice at the peak.
+            canonical, orientation = canonicalise(hu, contiguous=False)
+            canonical_anatomy, _ = canonicalise(Volume(grouped, hu.affine), contiguous=False)
             # Each source-grid array is freed once read for the last time, before resampling
             # allocates its outputs: a lower peak (only the file's metadata of ``loaded`` is
             # used below).
@@ -347,9 +368,10 @@ class StudyProcessor:
             cut = truncated_faces(
                 canonical_anatomy.data, canonical_anatomy.spacing, config.truncation_margin_mm
             )
-            volume = resample(canonical, config.spacing, "linear")
+            volume = resample(canonical, config.spacing, "linear", threads=self.threads)
             del canonical
             anatomy = resample(canonical_anatomy, config.spacing, "nearest").data
+            del canonical_anatomy
             image = window_hu(volume.data, config.hu_window).astype(np.float16)
         with _stage(f"report of {row.study_id}"):
             decomposition = self.decomposer.decompose(row.findings, row.impression)
@@ -397,14 +419,28 @@ class StudyProcessor:
             },
         }
 
-    def _anatomy_map(self, row: ManifestRow, hu: Volume) -> tuple[np.ndarray, dict]:
-        """Grouped anatomy ids on the source grid, and how they were obtained (for meta)."""
+    def _group_mask(self, row: ManifestRow, read: Future[MaskFile]) -> tuple[np.ndarray, str, str]:
+        """Grouped anatomy ids of a precomputed mask, with its TotalSegmentator version."""
+        labels = read.result().labels
+        version, why = detect_totalseg_version(labels, self.config.totalseg_version, row.mask)
+        return self.table.group(labels, version), version, why
+
+    def _anatomy_map(
+        self,
+        row: ManifestRow,
+        hu: Volume,
+        mask: tuple[Future[MaskFile], Future[tuple[np.ndarray, str, str]]] | None,
+    ) -> tuple[np.ndarray, dict]:
+        """Grouped anatomy ids on the source grid, and how they were obtained (for meta).
+
+        ``mask``: the pending read and grouping of a precomputed mask (see :meth:`_build`).
+        """
         config = self.config
-        if config.segmenter == "precomputed":
+        if mask is not None:
             with _stage(f"mask {self._relative(row.mask)}"):
-                labels = load_mask(row.mask, hu)
-                version, why = detect_totalseg_version(labels, config.totalseg_version, row.mask)
-                grouped = self.table.group(labels, version)
+                read, grouping = mask
+                check_mask_grid(read.result(), hu)  # a wrong grid is the error to report first
+                grouped, version, why = grouping.result()
         else:
             with _stage(f"TotalSegmentator on {self._relative(row.image)}"):
                 image = nib.Nifti1Image(np.asarray(hu.data, dtype=np.float32), hu.affine)

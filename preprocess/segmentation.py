@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -26,17 +27,20 @@ from scipy import ndimage
 from fvlm.anatomy import AnatomyTable, totalsegmentator_classes
 
 from .geometry import header_problem
-from .volume import Volume
+from .volume import Volume, open_nifti
 
 __all__ = [
     "TotalSegmentatorUnavailable",
+    "MaskFile",
     "UndecidableVersion",
     "anatomy_stats",
+    "check_mask_grid",
     "check_totalsegmentator",
     "class_counts",
     "detect_totalseg_version",
     "load_mask",
     "mask_class_names",
+    "read_mask",
     "run_totalsegmentator",
     "totalsegmentator_weights",
 ]
@@ -137,8 +141,48 @@ class UndecidableVersion(ValueError):
     """A label map's TotalSegmentator version cannot be told from its content."""
 
 
-def load_mask(path: str | Path, image: Volume) -> np.ndarray:
-    """Read a precomputed TotalSegmentator label map and check it lies on the image's grid.
+@dataclass(frozen=True)
+class MaskFile:
+    """A label map as read from its file, before it is checked against its image's grid."""
+
+    labels: np.ndarray
+    affine: np.ndarray
+    informative: bool  # whether the file's own affine carries geometry to compare
+
+
+def read_mask(path: str | Path) -> MaskFile:
+    """Read a precomputed TotalSegmentator label map (integer ids, narrowest dtype).
+
+    Gzipped maps are decoded by :func:`fvlm.preprocess.volume.open_nifti` (ISA-L when
+    installed). Reading needs nothing of the image, so the runner decodes the map while the
+    image decodes; :func:`check_mask_grid` compares the two afterwards.
+
+    Raises:
+        ValueError: The map holds non-integer or negative values, or ids beyond int32.
+    """
+    with open_nifti(path) as mask:
+        data = np.asanyarray(mask.dataobj)
+        codes = (int(mask.header["qform_code"]), int(mask.header["sform_code"]))
+        affine = np.asarray(mask.affine, dtype=np.float64)
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.dtype.kind == "f":
+        rounded = np.rint(data)
+        if not np.array_equal(rounded, data):
+            raise ValueError("mask holds non-integer values; expected TotalSegmentator class ids")
+        data = rounded
+    if data.size and data.dtype.kind != "u" and data.min() < 0:
+        raise ValueError(f"mask holds negative values (min {data.min()})")
+    top = int(data.max(initial=0))
+    if top > np.iinfo(np.int32).max:
+        raise ValueError(f"mask holds class ids up to {top}")
+    labels = data.astype(np.int32 if top > 255 else np.uint8, copy=False)  # uint8 maps: no copy
+    informative = header_problem(affine, transform_codes=codes) is None
+    return MaskFile(labels, affine, informative)
+
+
+def check_mask_grid(mask: MaskFile, image: Volume) -> None:
+    """Check that a label map lies on its image's grid.
 
     A mask whose own affine is uninformative (identity, no transform; see
     :func:`fvlm.preprocess.geometry.header_problem`) carries no geometry to compare: it is taken
@@ -146,30 +190,27 @@ def load_mask(path: str | Path, image: Volume) -> np.ndarray:
     identity-affine CT-RATE volume has the identity too).
 
     Raises:
-        ValueError: Shape or affine differ from the image's (beyond 1 micrometre), or the map
-            holds non-integer or negative values.
+        ValueError: Shape or affine differ from the image's (beyond 1 micrometre).
     """
-    mask = nib.load(str(path))
-    data = np.asanyarray(mask.dataobj)
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.shape != image.data.shape:
-        raise ValueError(f"mask shape {data.shape} differs from image shape {image.data.shape}")
-    codes = (int(mask.header["qform_code"]), int(mask.header["sform_code"]))
-    informative = header_problem(mask.affine, transform_codes=codes) is None
-    if informative and not np.allclose(mask.affine, image.affine, rtol=0.0, atol=_AFFINE_ATOL_MM):
+    shape = mask.labels.shape
+    if shape != image.data.shape:
+        raise ValueError(f"mask shape {shape} differs from image shape {image.data.shape}")
+    if mask.informative and not np.allclose(
+        mask.affine, image.affine, rtol=0.0, atol=_AFFINE_ATOL_MM
+    ):
         worst = float(np.abs(mask.affine - image.affine).max())
         raise ValueError(f"mask affine differs from the image affine (by up to {worst:.4g} mm)")
-    if data.dtype.kind == "f":
-        rounded = np.rint(data)
-        if not np.array_equal(rounded, data):
-            raise ValueError("mask holds non-integer values; expected TotalSegmentator class ids")
-        data = rounded
-    if data.size and data.min() < 0:
-        raise ValueError(f"mask holds negative values (min {data.min()})")
-    if data.size and data.max() > np.iinfo(np.int32).max:
-        raise ValueError(f"mask holds class ids up to {data.max()}")
-    return data.astype(np.int32 if data.max(initial=0) > 255 else np.uint8)
+
+
+def load_mask(path: str | Path, image: Volume) -> np.ndarray:
+    """Read a precomputed TotalSegmentator label map and check it lies on the image's grid.
+
+    Raises:
+        ValueError: See :func:`read_mask` and :func:`check_mask_grid`.
+    """
+    mask = read_mask(path)
+    check_mask_grid(mask, image)
+    return mask.labels
 
 
 def mask_class_names(path: str | Path) -> dict[int, str] | None:

@@ -230,3 +230,18 @@ def test_a_cpu_trainer_gets_finished_crops_from_the_workers(tmp_path):
         batch = next(iter(data.train_dataloader()))
         assert ("crop_extent" not in batch) is finished
         assert (batch["image"].dtype == torch.float32) is finished
+
+
+def test_a_batch_outside_workers_is_one_root_tensor_over_its_own_mapping() -> None:
+    """The huge-page batch storage: rows are views of one root tensor, and it outlives gc."""
+    import gc
+
+    from fvlm.data_modules.study_dataset import _empty
+
+    batch = _empty((3, 1, 4, 5, 6), torch.float16, shared=False)
+    gc.collect()  # the mapping must be owned by the storage, not by a dropped local
+    batch.fill_(1.5)
+    rows = [batch[k] for k in range(3)]
+    assert all(row._base is batch for row in rows) and batch.is_contiguous()
+    assert float(batch.float().sum()) == 1.5 * 3 * 4 * 5 * 6
+    assert batch.untyped_storage().nbytes() == 3 * 4 * 5 * 6 * 2
