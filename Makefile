@@ -16,7 +16,7 @@ PREPROCESS_CONFIG ?= configs/preprocess/phantom.yaml
 WORKERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-slow lint format phantom preprocess train-demo eval-demo predict-demo demo ablation bench bench-gpu eval-ctrate eval-radchestct clean
+.PHONY: help venv test test-slow lint format phantom preprocess train-demo eval-demo predict-demo demo demo-report ablation bench bench-gpu eval-ctrate eval-radchestct clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -74,6 +74,12 @@ demo: ## Install, make phantom data, preprocess, train fVLM + CLIP, evaluate, pr
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory phantom preprocess train-demo eval-demo predict-demo && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s; plots and tables in runs/demo/eval/, one scan's findings in runs/demo/predict/"
+
+demo-report: $(STAMP) ## Report generation on the phantom (Tab. 3-like: random / CLIP / fVLM x whole / anatomy-wise; ~20 min on 2 cores)
+	@test -f runs/demo/fvlm/checkpoints/last.ckpt -a -f runs/demo/clip/checkpoints/last.ckpt || $(MAKE) --no-print-directory train-demo
+	@start=$$(date +%s); \
+	$(BIN)/python -m fvlm.lit_modules.report_generation --cache_dir $(CACHE) --labels $(DATA)/labels.csv --out_dir runs/demo/report && \
+	echo "demo-report finished in $$(( $$(date +%s) - start )) s; table and generated reports in runs/demo/report/"
 
 ablation: preprocess ## The paper's ablations on the phantom (Tab. 4, 5, 1; ~49 min on 2 cores; resumable)
 	$(BIN)/fvlm ablation --config configs/ablation.yaml --cache $(CACHE) --labels $(DATA)/labels.csv

@@ -26,19 +26,26 @@ from lightning.pytorch.cli import OptimizerCallable
 from fvlm.checkpoint import load_network
 from fvlm.clinical_classifier import ClinicalClassifier, classifier_scores
 from fvlm.data_modules.collate import finish_crops
-from fvlm.data_modules.study_dataset import cache_hu_window
+from fvlm.data_modules.study_dataset import CachedStudyDataset, cache_hu_window, whole_report_text
 from fvlm.lit_modules.contrastive import adamw
 from fvlm.models import MINILM, VisionConfig
 from fvlm.models.intensity_windows import check_source_window
 from fvlm.models.text import load_tokenizer
 from fvlm.models.vision import VisionTransformer3D
 from fvlm.preprocess.cache import StudyCache
-from fvlm.report_generation import GenerationMode, ReportGenerator, assemble_report, build_decoder
+from fvlm.report_generation import (
+    GenerationMode,
+    ReportGenerator,
+    assemble_report,
+    build_decoder,
+    target_vocabulary,
+)
 from fvlm.report_metrics import clinical_accuracy, language_scores
 
-__all__ = ["ReportGenerationModule", "load_encoder", "report_demo"]
+__all__ = ["ReportGenerationModule", "encoder_arguments", "load_encoder", "report_demo"]
 
 Protocol = Literal["frozen", "finetune"]
+OutputVocabulary = Literal["targets", "full"]
 
 
 def load_encoder(
@@ -81,6 +88,17 @@ class ReportGenerationModule(LightningModule):
         max_target_length: Target tokens trained on; longer reports are cut and counted.
         max_pairs: Anatomy-wise: (sample, anatomy) pairs trained per batch, abnormal first.
         max_new_tokens: Generation limit per report (whole) or per anatomy (anatomy-wise).
+        output_vocabulary: ``targets``: the decoder's embeddings and LM head keep only the token
+            ids of the training split's targets plus the special tokens, found at ``fit``
+            setup (a few hundred on the phantom instead of 30,522); ``full``: all of them.
+        vocabulary: The compact vocabulary's tokenizer ids; filled in at ``fit`` setup and saved
+            in the hyper-parameters, so a checkpoint rebuilds the same decoder.
+        memory_pool: Whole mode: average each ``(d, h, w)`` block of visual tokens into one
+            memory token (CPU demo); ``None`` reads every token (the paper).
+        cache_features: Frozen protocol only: encode each study once and reuse its visual
+            tokens in every later epoch and at test time. The training studies are then read
+            with the evaluation's deterministic centre crop (no random crop or flip), so one
+            study always has one set of tokens.
         num_beams: 1 decodes greedily, more by beam search.
         clinical_classifier: Directory of a saved :class:`ClinicalClassifier`; with the data
             module's ``labels`` it gives the clinical accuracy at test time.
@@ -102,6 +120,10 @@ class ReportGenerationModule(LightningModule):
         max_pairs: int | None = 64,
         max_new_tokens: int = 128,
         num_beams: int = 1,
+        output_vocabulary: OutputVocabulary = "full",
+        vocabulary: list[int] | None = None,
+        memory_pool: tuple[int, int, int] | None = None,
+        cache_features: bool = False,
         clinical_classifier: str | None = None,
         results_file: str | None = None,
         optimizer: OptimizerCallable = adamw,
@@ -109,6 +131,12 @@ class ReportGenerationModule(LightningModule):
         super().__init__()
         if protocol not in ("frozen", "finetune"):
             raise ValueError(f"protocol must be 'frozen' or 'finetune', got {protocol!r}")
+        if output_vocabulary not in ("targets", "full"):
+            raise ValueError(
+                f"output_vocabulary must be 'targets' or 'full', got {output_vocabulary!r}"
+            )
+        if cache_features and protocol != "frozen":
+            raise ValueError("cache_features needs protocol 'frozen' (a trained encoder changes)")
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.tokenizer = load_tokenizer(text_model)
@@ -123,31 +151,79 @@ class ReportGenerationModule(LightningModule):
             pad_token_id=self.tokenizer.pad_token_id,
             max_target_length=max_target_length,
             max_pairs=max_pairs,
+            vocabulary=vocabulary if output_vocabulary == "targets" else None,
+            unk_token_id=self.tokenizer.unk_token_id,
+            memory_pool=memory_pool,
         )
         self.outputs: list[dict[str, str]] = []
+        self.features: dict[str, torch.Tensor] = {}  # study id -> visual tokens (cache_features)
 
     def setup(self, stage: str) -> None:
-        """Refuse a cache whose HU window differs from the one the encoder was trained on."""
-        cache_dir = getattr(getattr(self._trainer, "datamodule", None), "cache_dir", None)
+        """Check the cache's HU window; at ``fit``, fix training crops and the vocabulary.
+
+        A cache whose HU window differs from the one the encoder was trained on is refused.
+        """
+        datamodule = getattr(self._trainer, "datamodule", None)
+        cache_dir = getattr(datamodule, "cache_dir", None)
         if cache_dir is not None:
             source = self.generator.encoder.config.source_hu_window
             check_source_window(source, cache_hu_window(cache_dir), cache_dir)
+        train = getattr(datamodule, "datasets", {}).get("train") if stage == "fit" else None
+        if train is None:
+            return
+        if self.hparams.cache_features:
+            train.train = False  # the evaluation's centre crop: one crop, one set of tokens
+        if self.hparams.output_vocabulary == "targets" and self.generator.vocabulary is None:
+            vocabulary = self.training_vocabulary(train)
+            self.generator.use_vocabulary(vocabulary)
+            self.hparams.vocabulary = vocabulary
+
+    def training_vocabulary(self, dataset: CachedStudyDataset) -> list[int]:
+        """The compact output vocabulary: token ids of the split's targets of this mode."""
+        whole = self.generator.mode == "whole"
+        limit = self.hparams.max_target_length
+        targets = []
+        for study in dataset.study_ids:
+            report = dataset.cache.study_report(study)
+            texts = [whole_report_text(report)] if whole else dataset.read_texts(report, study)[0]
+            targets += self.tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
+        t = self.tokenizer
+        return target_vocabulary(
+            targets, (t.cls_token_id, t.sep_token_id, t.pad_token_id, t.unk_token_id)
+        )
+
+    def visual_tokens(self, batch: dict) -> torch.Tensor | None:
+        """The batch's cached visual tokens, encoding the studies not seen yet; ``None`` when off.
+
+        Frozen features of a study never change, so after its first batch the encoder is skipped.
+        """
+        if not self.hparams.cache_features:
+            return None
+        studies = list(batch["study_id"])
+        new = [i for i, study in enumerate(studies) if study not in self.features]
+        if new:
+            with torch.no_grad():
+                tokens = self.generator.visual_tokens(batch["image"][new])
+            for i, row in zip(new, tokens, strict=True):
+                self.features[studies[i]] = row.clone()
+        return torch.stack([self.features[study] for study in studies])
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Finish the loader's raw crops on the device (float32, zero outside the volume)."""
         return finish_crops(batch)
 
     def _step(self, stage: str, batch: dict) -> torch.Tensor:
-        out = self.generator(batch)
+        tokens = self.visual_tokens(batch)
+        out = self.generator(batch if tokens is None else {**batch, "visual_tokens": tokens})
         size = batch["image"].shape[0]
         for key in ("loss", "lm_loss", "normal_loss"):
             if key in out:
                 self.log(f"{stage}/{key}", out[key], batch_size=size, prog_bar=key == "loss")
         stats = out["stats"]
         self.log(f"{stage}/empty_targets", float(stats.empty), reduce_fx="sum", batch_size=size)
-        self.log(
-            f"{stage}/truncated_targets", float(stats.truncated), reduce_fx="sum", batch_size=size
-        )
+        for key in ("truncated", "unknown"):
+            value = float(getattr(stats, key))
+            self.log(f"{stage}/{key}_targets", value, reduce_fx="sum", batch_size=size)
         return out["loss"]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -163,7 +239,7 @@ class ReportGenerationModule(LightningModule):
         hp = self.hparams
         out = self.generator.generate(
             batch["image"], batch["anatomy"], max_new_tokens=hp.max_new_tokens,
-            num_beams=hp.num_beams,
+            num_beams=hp.num_beams, visual_tokens=self.visual_tokens(batch),
         )  # fmt: skip
         texts = self.tokenizer.batch_decode(out["ids"], skip_special_tokens=True)
         if self.generator.mode == "whole":
@@ -239,7 +315,7 @@ class ReportGenerationModule(LightningModule):
 
 
 def train_phantom_classifier(
-    cache_dir: str, labels: str, directory: str, text_model: str = MINILM, epochs: int = 4
+    cache_dir: str, labels: str, directory: str, text_model: str = MINILM, epochs: int = 6
 ) -> dict[str, float]:
     """Fine-tune the clinical classifier on the cache's training reports; score it on ``val``.
 
@@ -269,6 +345,31 @@ def train_phantom_classifier(
     return scores
 
 
+def encoder_arguments(entry: str) -> tuple[str, list[str]]:
+    """A table row's name and the CLI arguments that build its encoder.
+
+    ``random`` is a random ViT; ``name=<checkpoint>`` the vision tower of an fvlm checkpoint;
+    ``name=init_from:<source>`` a random-shaped ViT inflated from 2D weights at construction
+    (``VisionConfig.init_from``: a local file or a timm name such as ``vit_base_patch16_224.mae``,
+    the paper's "MAE-inflated" encoder; offline without a cached copy it fails with a clear
+    error).
+    """
+    name, _, source = entry.partition("=")
+    if not name:
+        raise ValueError(
+            f"encoder entry {entry!r} has no name (random | name=ckpt | name=init_from:X)"
+        )
+    if not source:
+        return name, []
+    if source.startswith("init_from:"):
+        return name, [f"--model.init_args.vision.init_from={source.removeprefix('init_from:')}"]
+    return name, [f"--model.init_args.encoder_checkpoint={source}"]
+
+
+TABLE_COLUMNS = ("acc_macro", "f1_macro", "bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l",
+                 "cider")  # fmt: skip
+
+
 def report_demo(
     cache_dir: str = "data/cache/phantom",
     labels: str = "data/phantom/labels.csv",
@@ -281,22 +382,35 @@ def report_demo(
     configs: Sequence[str] = ("configs/report_generation.yaml", "configs/demo_report.yaml"),
     out_dir: str = "runs/demo/report",
     overrides: Sequence[str] = (),
+    threads: int | None = 1,
+    classifier: str | None = None,
 ) -> str:
     """Train and test every (encoder, mode) under the frozen protocol; return the Tab. 3 table.
+
+    Writes ``table.md`` and ``results.json`` (every row's scores and its generated reports next
+    to their references) under ``out_dir``.
 
     Args:
         cache_dir: The phantom's preprocessing cache.
         labels: Its disease labels (the clinical classifier's training labels and ground truth).
-        encoders: ``random`` or ``name=checkpoint`` entries.
+        encoders: :func:`encoder_arguments` entries: ``random``, ``name=checkpoint`` or
+            ``name=init_from:<2D weights>``.
         modes: Generation modes to compare.
         configs: LightningCLI configs of one run.
-        out_dir: Where runs, the classifier and ``table.md`` go.
+        out_dir: Where runs, the classifier, ``table.md`` and ``results.json`` go.
         overrides: Extra LightningCLI arguments for every run (e.g. ``--trainer.max_epochs=1``).
+        threads: Torch intra-op threads (1: the loader worker has the other core of 2, and
+            small matrix products gain nothing from a second thread on a busy machine);
+            ``None`` keeps torch's default.
+        classifier: A trained clinical classifier's directory (with its ``scores.json``) to
+            reuse; ``None`` trains one into ``out_dir/clinical_classifier`` unless it is there.
     """
     from fvlm.lit_modules.cli import run_cli
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     out = Path(out_dir)
-    classifier = out / "clinical_classifier"
+    classifier = Path(classifier) if classifier else out / "clinical_classifier"
     if not (classifier / "scores.json").is_file():
         scores = train_phantom_classifier(cache_dir, labels, str(classifier))
     else:
@@ -304,11 +418,13 @@ def report_demo(
     lines = [
         f"clinical classifier (val reports): P {scores['precision_macro']:.3f} "
         f"R {scores['recall_macro']:.3f} F1 {scores['f1_macro']:.3f}",
-        "| encoder | mode | ACC | F1 | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr | s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| encoder | mode | ACC | F1 | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | METEOR | ROUGE-L "
+        "| CIDEr | s |",
+        "|---|---|" + "---|" * (len(TABLE_COLUMNS) + 1),
     ]
+    results: dict[str, Any] = {"classifier": scores, "runs": {}}
     for entry in encoders:
-        name, _, checkpoint = entry.partition("=")
+        name, encoder_args = encoder_arguments(entry)
         for mode in modes:
             start, run = time.perf_counter(), out / f"{name}_{mode}"
             args = [f"--config={c}" for c in configs] + [
@@ -318,21 +434,22 @@ def report_demo(
                 f"--model.init_args.clinical_classifier={classifier}",
                 f"--model.init_args.results_file={run / 'results.json'}",
                 f"--trainer.default_root_dir={run}",
-                *([f"--model.init_args.encoder_checkpoint={checkpoint}"] if checkpoint else []),
+                *encoder_args,
                 *overrides,
             ]
             cli = run_cli(["fit", *args])
             cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-            s = cli.model.scores
-            lines.append(
-                f"| {name} | {mode} | {s.get('acc_macro', math.nan):.3f} | "
-                f"{s.get('f1_macro', math.nan):.3f} | {s['bleu1']:.3f} | {s['bleu4']:.3f} | "
-                f"{s['meteor']:.3f} | {s['rouge_l']:.3f} | {s['cider']:.3f} | "
-                f"{time.perf_counter() - start:.0f} |"
-            )
+            s, seconds = cli.model.scores, time.perf_counter() - start
+            cells = " | ".join(f"{s.get(key, math.nan):.3f}" for key in TABLE_COLUMNS)
+            lines.append(f"| {name} | {mode} | {cells} | {seconds:.0f} |")
+            results["runs"][f"{name}_{mode}"] = {
+                "scores": s, "notes": cli.model.notes, "seconds": seconds,
+                "reports": cli.model.outputs,
+            }  # fmt: skip
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     return table
 
 

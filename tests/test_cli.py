@@ -46,7 +46,7 @@ def test_overview_lists_every_subcommand_and_rejects_unknown_ones(capsys):
         assert command.name in text and command.help.split()[0] in text
     names = {c.name for c in cli.COMMANDS}
     assert {"phantom", "preprocess", "fit", "validate", "test", "predict", "export", "evaluate",
-            "eval-ctrate", "eval-radchestct", "ablation"} <= names  # fmt: skip
+            "eval-ctrate", "eval-radchestct", "ablation", "generate"} <= names  # fmt: skip
     with pytest.raises(SystemExit) as exited:
         cli.main(["no-such-command"])
     assert exited.value.code == 2

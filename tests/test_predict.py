@@ -150,3 +150,25 @@ def test_a_dicom_series_folder_is_one_scan(trained, tmp_path):
     reference = FVLM.from_pretrained(trained.folder).embed(image, mask)
     np.testing.assert_array_equal(dicom["valid"], reference.valid)
     assert np.abs(dicom["embeddings"] - reference.embeddings).max() < 1e-4
+
+
+def test_a_query_worded_like_a_table_finding_keeps_both_heatmaps(trained, tmp_path):
+    """The table's "liver hepatic steatosis" and the query "liver: hepatic steatosis" share a
+    name: both heatmaps are written (one with ``__2``), none overwrites the other."""
+    scans, masks = tmp_path / "scans", tmp_path / "masks"
+    study = trained.manifest["study_id"].iloc[0]
+    scans.mkdir(), masks.mkdir()
+    shutil.copy(trained.phantom / "images" / f"{study}.nii.gz", scans)
+    shutil.copy(trained.phantom / "masks" / f"{study}.nii.gz", masks)
+    out = tmp_path / "out"
+    code = cli.main([
+        "predict", "--model", str(trained.folder), "--scans", str(scans), "--mask", str(masks),
+        "--query", "liver: hepatic steatosis", "--top", "1000", "--out", str(out),
+        "--progress", "false",
+    ])  # fmt: skip
+    assert code == 0
+    record = json.loads((out / study / "findings.json").read_text())
+    names = {p.split("/")[-1] for p in record["heatmaps"]}
+    assert {"liver__hepatic_steatosis.nii.gz", "liver__hepatic_steatosis__2.nii.gz"} <= names
+    written = sorted((out / study / "heatmaps").glob("*"))
+    assert len(written) == len(record["heatmaps"])  # every listed file exists, none twice

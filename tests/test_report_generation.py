@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from fvlm.lit_modules.report_generation import load_encoder
+from fvlm.lit_modules.report_generation import (
+    ReportGenerationModule,
+    encoder_arguments,
+    load_encoder,
+)
 from fvlm.models import build_network, network_options
 from fvlm.models.text import load_tokenizer
 from fvlm.models.vision import VisionConfig, VisionTransformer3D
@@ -15,7 +22,10 @@ from fvlm.report_generation import (
     assemble_report,
     build_decoder,
     clean_description,
+    compact_decoder,
+    pool_tokens,
     prepare_targets,
+    target_vocabulary,
 )
 
 A = 3  # anatomies of the tiny table
@@ -28,7 +38,9 @@ def tokenizer():  # noqa: ANN201 - a transformers tokenizer
     return load_tokenizer("minilm")
 
 
-def _generator(tiny_bert, mode: str = "whole", frozen: bool = True) -> ReportGenerator:
+def _generator(
+    tiny_bert, mode: str = "whole", frozen: bool = True, vocabulary: list[int] | None = None
+) -> ReportGenerator:
     torch.manual_seed(0)
     return ReportGenerator(
         VisionTransformer3D(VisionConfig(**VISION)),
@@ -37,6 +49,7 @@ def _generator(tiny_bert, mode: str = "whole", frozen: bool = True) -> ReportGen
         mode=mode,
         frozen=frozen,
         max_target_length=32,
+        vocabulary=vocabulary,
     )
 
 
@@ -117,10 +130,13 @@ def test_visual_memory_gathers_one_anatomys_tokens() -> None:
         memory.anatomy(tokens, membership, torch.tensor([0]), torch.tensor([1]))
 
 
-def test_whole_report_overfits_and_generates_it(tiny_bert, tokenizer) -> None:
+@pytest.mark.parametrize("compact", [False, True])
+def test_whole_report_overfits_and_generates_it(tiny_bert, tokenizer, compact: bool) -> None:
     reports = ["moderate left hydronephrosis.", "the liver is normal."]
-    generator = _generator(tiny_bert)
     batch = _batch(tokenizer, reports)
+    specials = (101, 102, 0, 100)
+    vocabulary = target_vocabulary(batch["report_input_ids"].tolist(), specials)
+    generator = _generator(tiny_bert, vocabulary=vocabulary if compact else None)
     optimizer = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(80):
@@ -133,6 +149,9 @@ def test_whole_report_overfits_and_generates_it(tiny_bert, tokenizer) -> None:
     assert all(p.grad is None for p in generator.encoder.parameters())  # frozen protocol
     out = generator.generate(batch["image"], max_new_tokens=12)
     assert tokenizer.batch_decode(out["ids"], skip_special_tokens=True) == reports
+    if compact:  # tokenizer ids out, only ids of the targets' vocabulary
+        assert generator.decoder.config.vocab_size == len(vocabulary) == 15
+        assert set(out["ids"].unique().tolist()) <= set(vocabulary)
     beams = generator.generate(batch["image"], max_new_tokens=12, num_beams=3)
     assert tokenizer.batch_decode(beams["ids"], skip_special_tokens=True) == reports
     short = generator.generate(batch["image"], max_new_tokens=3)
@@ -228,3 +247,165 @@ def test_max_pairs_keeps_abnormal_pairs_first(tiny_bert) -> None:
         assert len(pairs) == 2 and (0, 1) in pairs  # the abnormal pair is always trained on
     generator.max_pairs = None
     assert generator._subsample(sample, index, normal)[0] is sample
+
+
+def test_target_vocabulary_and_compact_decoder_keep_the_logits_of_their_ids(tiny_bert) -> None:
+    assert target_vocabulary([[101, 7, 9, 102], [101, 9, 102, 0]], (101, 102, 0, 100, None)) == [
+        0, 7, 9, 100, 101, 102
+    ]  # fmt: skip
+    torch.manual_seed(0)
+    full = build_decoder(config=tiny_bert())
+    full.cls.predictions.bias.data.normal_()  # a bias that must follow its ids
+    vocabulary = [0, 5, 100, 101, 102, 2054, 30000]
+    small = compact_decoder(copy.deepcopy(full), vocabulary)
+    assert small.config.vocab_size == 7 and small.get_input_embeddings().num_embeddings == 7
+    assert small.cls.predictions.decoder.weight is small.get_input_embeddings().weight  # tied
+    ids = torch.tensor([[101, 2054, 5, 30000, 102]])
+    memory = torch.randn(1, 4, 16)
+    lookup = {t: k for k, t in enumerate(vocabulary)}
+    compact_ids = torch.tensor([[lookup[int(t)] for t in ids[0]]])
+    expected = full(input_ids=ids, encoder_hidden_states=memory).logits[..., vocabulary]
+    got = small(input_ids=compact_ids, encoder_hidden_states=memory).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="must lie in 0..30521"):
+        compact_decoder(copy.deepcopy(full), [0, 30522])
+    with pytest.raises(ValueError, match="distinct"):
+        compact_decoder(copy.deepcopy(full), [5, 5])
+
+
+def test_compact_vocabulary_round_trip_and_unknown_targets(tiny_bert, tokenizer) -> None:
+    the, liver = tokenizer("the liver")["input_ids"][1:3]
+    hello = tokenizer("hello")["input_ids"][1]
+    vocabulary = sorted([0, 100, 101, 102, the, liver])  # [PAD] [UNK] [CLS] [SEP] the liver
+    generator = _generator(tiny_bert, vocabulary=vocabulary)
+    ids = torch.tensor(vocabulary)
+    compact, unknown = generator.compact(ids)
+    assert compact.tolist() == list(range(6)) and unknown == 0
+    assert generator.vocabulary[compact].tolist() == vocabulary  # and back
+    compact, unknown = generator.compact(torch.tensor([101, the, hello, liver, 102]))
+    index = vocabulary.index
+    expected = [index(101), index(the), index(100), index(liver), index(102)]
+    assert compact.tolist() == expected and unknown == 1  # "hello" is no target word
+    out = generator(_batch(tokenizer, ["the liver.", "the liver."]))  # "." is unknown
+    assert out["stats"].unknown == 2
+    assert "vocabulary" in generator.state_dict()  # checkpoints carry the id mapping
+    with pytest.raises(ValueError, match=r"lacks the special token ids \[100\]"):
+        _generator(tiny_bert, vocabulary=[0, 101, 102, 1996])
+    with pytest.raises(ValueError, match="already has a compact vocabulary"):
+        generator.use_vocabulary(vocabulary)
+
+
+def test_cached_visual_tokens_give_the_per_batch_loss(tiny_bert, tokenizer) -> None:
+    generator = _generator(tiny_bert, mode="anatomy")
+    batch = _batch(tokenizer, ["x", "y"], [["kidney cyst.", "liver normal.", "lung."]] * 2)
+    torch.manual_seed(3)
+    direct = generator(batch)
+    tokens = generator.visual_tokens(batch["image"])
+    blank = torch.zeros_like(batch["image"])  # the cached tokens, not the image, are read
+    torch.manual_seed(3)  # the same pairs are drawn
+    cached = generator({**batch, "visual_tokens": tokens, "image": blank})
+    torch.testing.assert_close(cached["loss"], direct["loss"], atol=1e-5, rtol=0)
+    whole = _generator(tiny_bert)
+    tokens = whole.visual_tokens(batch["image"])
+    torch.testing.assert_close(
+        whole({**batch, "visual_tokens": tokens})["loss"], whole(batch)["loss"], atol=1e-5, rtol=0
+    )
+    finetuned = _generator(tiny_bert, frozen=False)
+    with pytest.raises(ValueError, match="frozen protocol"):
+        finetuned({**batch, "visual_tokens": tokens})
+
+
+def _module(tiny_bert, **options) -> ReportGenerationModule:  # noqa: ANN003 - module options
+    return ReportGenerationModule(
+        num_anatomies=A, vision=VisionConfig(**VISION), decoder_config=tiny_bert(),
+        max_target_length=32, **options,
+    )  # fmt: skip
+
+
+def test_module_caches_each_studys_tokens_once(tiny_bert, tokenizer) -> None:
+    module = _module(tiny_bert, cache_features=True)
+    batch = _batch(tokenizer, ["a.", "b."])
+    first = module.visual_tokens(batch)
+    torch.testing.assert_close(first, module.generator.visual_tokens(batch["image"]))
+    again = module.visual_tokens({**batch, "image": torch.zeros_like(batch["image"])})
+    torch.testing.assert_close(again, first)  # the encoder is not run again
+    assert sorted(module.features) == ["s0", "s1"]
+    with pytest.raises(ValueError, match="cache_features needs protocol 'frozen'"):
+        _module(tiny_bert, protocol="finetune", cache_features=True)
+    with pytest.raises(ValueError, match="output_vocabulary must be"):
+        _module(tiny_bert, output_vocabulary="some")
+
+
+def test_module_training_vocabulary_from_the_split_targets(tiny_bert, tokenizer) -> None:
+    reports = {"s0": {"findings": "The liver is normal.", "impression": "No cyst."},
+               "s1": {"findings": "Liver cyst.", "impression": None}}  # fmt: skip
+    texts = {"s0": ["kidney clear."] * A, "s1": ["lung clear."] * A}
+    dataset = SimpleNamespace(
+        study_ids=["s0", "s1"],
+        cache=SimpleNamespace(study_report=reports.__getitem__),
+        read_texts=lambda report, study: (texts[study], None),
+    )
+    module = _module(tiny_bert, output_vocabulary="targets")
+    words = tokenizer("the liver is normal. no cyst.")["input_ids"]
+    expected = sorted({0, 100, 101, 102, *words})
+    assert module.training_vocabulary(dataset) == expected
+    module.generator.use_vocabulary(expected)
+    rebuilt = _module(tiny_bert, output_vocabulary="targets", vocabulary=expected)
+    rebuilt.load_state_dict(module.state_dict())  # hparams + state_dict rebuild the decoder
+    assert rebuilt.generator.decoder.config.vocab_size == len(expected)
+    config = module.generator.decoder.config.to_dict()  # an export's config.json
+    assert config["tokenizer_vocab_size"] == 30522
+    exported = _module(tiny_bert, output_vocabulary="targets", vocabulary=expected)
+    exported.generator = ReportGenerator(
+        VisionTransformer3D(VisionConfig(**VISION)), build_decoder(config=config), A,
+        max_target_length=32, vocabulary=expected,
+    )  # fmt: skip
+    exported.load_state_dict(module.state_dict())
+    ids = torch.tensor(expected[:5])
+    assert exported.generator.compact(ids)[0].tolist() == [0, 1, 2, 3, 4]
+    anatomy = _module(tiny_bert, mode="anatomy", output_vocabulary="targets")
+    clear = sorted({0, 100, 101, 102, *tokenizer("kidney clear. lung clear.")["input_ids"]})
+    assert anatomy.training_vocabulary(dataset) == clear
+
+
+def test_pool_tokens_averages_grid_blocks() -> None:
+    tokens = torch.arange(2 * 2 * 4, dtype=torch.float).view(1, 16, 1)  # grid (2, 2, 4)
+    pooled = pool_tokens(tokens, (2, 2, 4), (2, 2, 2))
+    # Block w 0-1 holds tokens 0, 1, 4, 5, 8, 9, 12, 13 (d, h, w order): mean 6.5; w 2-3: 8.5.
+    assert pooled.flatten().tolist() == [6.5, 8.5]
+    assert pool_tokens(tokens, (2, 2, 4), (1, 1, 1)) is tokens
+    with pytest.raises(ValueError, match="no token grid"):
+        pool_tokens(tokens, (2, 2, 4), (1, 1, 3))
+    with pytest.raises(ValueError, match="no token grid"):
+        pool_tokens(tokens, (2, 2, 2), (1, 1, 1))
+
+
+def test_whole_mode_memory_pool_shortens_the_memory(tiny_bert, tokenizer) -> None:
+    generator = _generator(tiny_bert)
+    generator.memory_pool = (1, 2, 2)  # grid (2, 2, 2) of the 8x16x16 crop -> 2 memory tokens
+    seen = []
+    hook = generator.memory.proj.register_forward_hook(
+        lambda module, args, out: seen.append(tuple(args[0].shape))
+    )
+    generator(_batch(tokenizer, ["a cyst.", "no cyst."]))
+    hook.remove()
+    assert seen == [(2, 2, VISION["hidden_size"])]
+    with pytest.raises(ValueError, match="memory_pool must be"):
+        ReportGenerator(VisionTransformer3D(VisionConfig(**VISION)),
+                        build_decoder(config=tiny_bert()), A, max_target_length=32,
+                        memory_pool=(2, 2))  # fmt: skip
+
+
+def test_encoder_entries_and_the_mae_inflated_encoder_offline() -> None:
+    assert encoder_arguments("random") == ("random", [])
+    assert encoder_arguments("fvlm=runs/x.ckpt") == (
+        "fvlm", ["--model.init_args.encoder_checkpoint=runs/x.ckpt"]
+    )  # fmt: skip
+    assert encoder_arguments("mae=init_from:vit_base_patch16_224.mae") == (
+        "mae", ["--model.init_args.vision.init_from=vit_base_patch16_224.mae"]
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="has no name"):
+        encoder_arguments("=x.ckpt")
+    mae = VisionConfig(**VISION, init_from="vit_base_patch16_224.mae")
+    with pytest.raises(RuntimeError, match="timm could not fetch the pretrained weights"):
+        load_encoder(None, mae, A)  # offline: the existing clear error, nothing downloaded

@@ -20,7 +20,7 @@ from torch import nn
 
 from fvlm.models import NETWORK_KINDS, NetworkKind, build_network, network_options
 
-__all__ = ["NETWORK_KEY", "TrainedNetwork", "load_network"]
+__all__ = ["NETWORK_KEY", "TrainedNetwork", "load_network", "read_checkpoint"]
 
 NETWORK_KEY = "fvlm_network"
 """Checkpoint entry the training modules write: ``{"kind": ..., "prefix": ...}`` (plain strings)."""
@@ -54,7 +54,12 @@ class TrainedNetwork:
     kind: NetworkKind
 
 
-def _read(path: Path, map_location: str | torch.device) -> Mapping[str, Any]:
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Mapping[str, Any]:
+    """A Lightning checkpoint's contents, read weights-only (never unpickling Python objects).
+
+    Raises:
+        ValueError: The file holds Python objects (refused, with the reason) or no mapping.
+    """
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -112,7 +117,7 @@ def load_network(path: str | Path, map_location: str | torch.device = "cpu") -> 
             built), is not an fvlm checkpoint, or names a network kind outside the allow-list.
     """
     path = Path(path)
-    checkpoint = _read(path, map_location)
+    checkpoint = read_checkpoint(path, map_location)
     kind = _kind(checkpoint, path)
     hparams = checkpoint.get("hyper_parameters")
     state = checkpoint.get("state_dict")

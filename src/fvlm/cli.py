@@ -101,6 +101,12 @@ COMMANDS: tuple[Command, ...] = (
         done="pretrained folder: {}",
     ),
     Command(
+        "generate",
+        "fvlm.generate:generate",
+        "Write radiology reports for your own scans or a cache split with a report generator.",
+        configs="",
+    ),
+    Command(
         "crop-report",
         "fvlm.crop_validity:crop_report",
         "Per anatomy: present, complete and valid in training crops (from a cache's boxes).",

@@ -71,6 +71,7 @@ __all__ = [
     "export",
     "ScanEmbeddings",
     "parse_query",
+    "preprocess_scans",
     "nifti_reference",
     "scan_id",
     "stage_scan",
@@ -436,40 +437,9 @@ class FVLM:
         progress: bool = False,
     ) -> RunSummary:
         """Preprocess ``scans`` into ``cache_dir`` with the model's recipe (split ``predict``)."""
-        from fvlm.preprocess.config import PreprocessConfig
-        from fvlm.preprocess.runner import run_preprocess
-
-        cache_dir = Path(cache_dir)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        manifest = cache_dir.parent / f"{cache_dir.name}_scans.csv"
-        with manifest.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["study_id", "image", "mask", "findings", "impression", "split"])
-            for scan in scans:
-                mask = "" if scan.mask is None else str(Path(scan.mask).resolve())
-                writer.writerow(
-                    [scan.study_id, str(Path(scan.image).resolve()), mask, "", "", PREDICT_SPLIT]
-                )
-        recipe = self.recipe
-        config = PreprocessConfig(
-            manifest=manifest,
-            cache=cache_dir,
-            spacing=tuple(recipe["spacing"]),
-            hu_window=tuple(recipe["hu_window"]),
-            truncation_margin_mm=recipe.get("truncation_margin_mm", 3.0),
-            geometry=recipe.get("geometry", "auto"),
-            anatomy_table=self.table.name,
-            segmenter=segmenter,  # type: ignore[arg-type]
-            totalseg_fast=bool(recipe.get("totalseg_fast") or False),
-            totalseg_device=device,
-            totalseg_version=recipe.get("totalseg_version", "auto"),
-            rescale=recipe.get("rescale", "auto"),
-            decomposer="rules",
-            require_report=False,
-            workers=workers,
-            progress=progress,
+        return preprocess_scans(
+            scans, cache_dir, self.recipe, self.table, segmenter, device, workers, progress
         )
-        return run_preprocess(config, table=self.table)
 
     def embed_cache(
         self, cache_dir: str | Path, batch_size: int = 4, progress: bool = False
@@ -666,6 +636,56 @@ class FVLM:
         return next(iter(written.values()))[1]
 
 
+def preprocess_scans(
+    scans: Sequence[Scan],
+    cache_dir: str | Path,
+    recipe: Mapping[str, Any],
+    table: AnatomyTable,
+    segmenter: str = "precomputed",
+    device: str = "cpu",
+    workers: int = 1,
+    progress: bool = False,
+) -> RunSummary:
+    """Preprocess ``scans`` into ``cache_dir`` (split ``predict``) with a training ``recipe``.
+
+    Every model run on one's own scans (:class:`FVLM`, :mod:`fvlm.generate`) so sees them as its
+    training cache's scans were made.
+    """
+    from fvlm.preprocess.config import PreprocessConfig
+    from fvlm.preprocess.runner import run_preprocess
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    manifest = cache_dir.parent / f"{cache_dir.name}_scans.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["study_id", "image", "mask", "findings", "impression", "split"])
+        for scan in scans:
+            mask = "" if scan.mask is None else str(Path(scan.mask).resolve())
+            writer.writerow(
+                [scan.study_id, str(Path(scan.image).resolve()), mask, "", "", PREDICT_SPLIT]
+            )
+    config = PreprocessConfig(
+        manifest=manifest,
+        cache=cache_dir,
+        spacing=tuple(recipe["spacing"]),
+        hu_window=tuple(recipe["hu_window"]),
+        truncation_margin_mm=recipe.get("truncation_margin_mm", 3.0),
+        geometry=recipe.get("geometry", "auto"),
+        anatomy_table=table.name,
+        segmenter=segmenter,  # type: ignore[arg-type]
+        totalseg_fast=bool(recipe.get("totalseg_fast") or False),
+        totalseg_device=device,
+        totalseg_version=recipe.get("totalseg_version", "auto"),
+        rescale=recipe.get("rescale", "auto"),
+        decomposer="rules",
+        require_report=False,
+        workers=workers,
+        progress=progress,
+    )
+    return run_preprocess(config, table=table)
+
+
 _SCORE_COLUMNS = ["study_id", "anatomy", "finding", "key", "query", "probability"]
 
 MASK_HELP = (
@@ -689,7 +709,8 @@ def write_heatmaps(
     finding's positive prompts minus cosine to its negative prompts (the prompts the scores use).
     Per finding: ``<anatomy>__<finding>.nii.gz`` (on the grid of ``reference``, the input NIfTI,
     else on the cache grid with its world affine) and a PNG of axial and coronal slices through
-    the hottest voxel. Whole-scan findings, the CLIP baseline and anatomies that are not
+    the hottest voxel; a second finding of the same name (a query worded like a table finding)
+    gets ``__2``. Whole-scan findings, the CLIP baseline and anatomies that are not
     evaluable in the scan have no heatmap and are skipped.
 
     Returns:
@@ -718,6 +739,11 @@ def write_heatmaps(
         except AnatomyNotEvaluable:
             continue
         stem = _UNSAFE_ID_CHARS.sub("_", f"{disease.anatomy}__{disease.label}".lower())
+        taken = {path.name for _, paths in written.values() for path in paths}
+        base, copy = stem, 1
+        while f"{stem}.nii.gz" in taken:  # a query worded like a table finding: keep both
+            copy += 1
+            stem = f"{base}__{copy}"
         files = [
             save_heatmap_nifti(heat, out_dir / f"{stem}.nii.gz", reference),
             save_heatmap_png(heat, out_dir / f"{stem}.png"),
@@ -852,7 +878,8 @@ def export(ckpt: Path, out: Path, cache: Path | None = None, device: str = "cpu"
 
     The preprocessing recipe is read from the cache the model trained on (the checkpoint's
     ``data.cache_dir``; ``--cache`` overrides). Load the folder with
-    ``FVLM.from_pretrained(out)`` or ``fvlm predict --model out``.
+    ``FVLM.from_pretrained(out)`` or ``fvlm predict --model out``; a report-generation
+    checkpoint's folder with ``fvlm generate --model out``.
 
     Args:
         ckpt: A ``.ckpt`` written by ``fvlm fit``.
@@ -860,4 +887,8 @@ def export(ckpt: Path, out: Path, cache: Path | None = None, device: str = "cpu"
         cache: The training run's preprocessing cache (default: the checkpoint's).
         device: Where the weights are loaded while exporting.
     """
+    from fvlm.generate import PretrainedReportGenerator, is_report_generation_checkpoint
+
+    if is_report_generation_checkpoint(ckpt):  # a report generator's folder (fvlm generate)
+        return PretrainedReportGenerator.from_checkpoint(ckpt, cache, device).save_pretrained(out)
     return FVLM.from_checkpoint(ckpt, cache, device).save_pretrained(out)

@@ -5,6 +5,12 @@ BERT-family decoder (``is_decoder=True, add_cross_attention=True``) that is trai
 language-modelling loss under teacher forcing and decodes greedily or by beam search through
 ``transformers``' ``generate``.
 
+Two CPU-sized economies keep the numbers unchanged: a *compact output vocabulary*
+(:func:`compact_decoder`: the embedding and LM-head rows of the token ids the training targets use,
+so a phantom step scores a few hundred words instead of 30,522; generation maps back to the
+tokenizer's ids) and, under the frozen protocol, *cached visual tokens* (the encoder never changes,
+so a study's tokens are computed once and passed in as ``visual_tokens``).
+
 Anatomy-wise generation (beyond the paper, its stated next step): the decoder is conditioned on
 one anatomy at a time: the mean of the tokens that cover it (its pooled feature), those tokens
 themselves and a learned embedding of which anatomy it is; it writes that anatomy's decomposed
@@ -16,8 +22,9 @@ use anything an fVLM encoder has and a CLIP or random one lacks, so encoders com
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -41,7 +48,10 @@ __all__ = [
     "assemble_report",
     "build_decoder",
     "clean_description",
+    "compact_decoder",
+    "pool_tokens",
     "prepare_targets",
+    "target_vocabulary",
 ]
 
 GenerationMode = Literal["whole", "anatomy"]
@@ -81,6 +91,81 @@ def build_decoder(
         hf_logging.set_verbosity(verbosity)
 
 
+def target_vocabulary(
+    targets: Iterable[Sequence[int]], special_ids: Iterable[int | None]
+) -> list[int]:
+    """Sorted tokenizer ids of a compact output vocabulary: every id of the targets + specials.
+
+    Args:
+        targets: Tokenised training targets (whole reports or anatomy descriptions).
+        special_ids: Start, end, padding and unknown ids (``None`` entries are skipped); the
+            unknown id stands in for target words of other splits that training never saw.
+    """
+    ids = {int(i) for i in special_ids if i is not None}
+    for target in targets:
+        ids.update(int(i) for i in target)
+    return sorted(ids)
+
+
+def compact_decoder(decoder: BertLMHeadModel, vocabulary: Sequence[int]) -> BertLMHeadModel:
+    """Keep only the rows of ``vocabulary`` in the decoder's word embeddings and LM head.
+
+    Compact id ``k`` is tokenizer id ``vocabulary[k]``; its (tied) embedding and output bias are
+    that id's, so the compact decoder's logits equal the full decoder's logits at those ids. The
+    output layer then costs ``len(vocabulary)`` instead of the whole WordPiece vocabulary per
+    target token, which dominated a CPU training step.
+
+    Raises:
+        ValueError: An id outside the decoder's vocabulary, or a repeated id.
+    """
+    index = torch.as_tensor(list(vocabulary), dtype=torch.long)
+    full = int(decoder.config.vocab_size)
+    if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= full:
+        raise ValueError(f"vocabulary ids must lie in 0..{full - 1} (the decoder's vocabulary)")
+    if index.unique().numel() != index.numel():
+        raise ValueError("vocabulary ids must be distinct")
+    old_embedding, head = decoder.get_input_embeddings(), decoder.cls.predictions
+    embedding = nn.Embedding(index.numel(), old_embedding.embedding_dim, padding_idx=None).to(
+        old_embedding.weight.device
+    )
+    embedding.weight = nn.Parameter(old_embedding.weight.detach()[index].clone())
+    output = nn.Linear(embedding.embedding_dim, index.numel(), bias=True)
+    output.weight = embedding.weight  # tied, as BERT's are
+    output.bias = nn.Parameter(head.bias.detach()[index].clone())
+    decoder.set_input_embeddings(embedding)
+    head.decoder, head.bias = output, output.bias
+    decoder.config.vocab_size = index.numel()
+    # Kept in the config (and its config.json): a decoder rebuilt from it is already compact.
+    decoder.config.tokenizer_vocab_size = full
+    return decoder
+
+
+def pool_tokens(tokens: torch.Tensor, grid: Sequence[int], pool: Sequence[int]) -> torch.Tensor:
+    """Average each ``pool`` block of the ``(d, h, w)`` token grid: a shorter whole-report memory.
+
+    Cross-attention over every token of the grid dominates a CPU decoder step; a 2x2x2 pool reads
+    an eighth as many tokens, each the mean of a block of neighbours (``(1, 1, 1)``: unchanged).
+
+    Raises:
+        ValueError: ``tokens`` is not the grid, or the grid is not divisible by ``pool``.
+    """
+    batch, count, width = tokens.shape
+    grid, pool = tuple(int(g) for g in grid), tuple(int(p) for p in pool)
+    shapes = len(grid) == len(pool) == 3
+    if (
+        not shapes
+        or count != math.prod(grid)
+        or any(g % p for g, p in zip(grid, pool, strict=True))
+    ):
+        raise ValueError(
+            f"{count} visual tokens are no token grid {grid} divisible by memory_pool {pool}"
+        )
+    if pool == (1, 1, 1):
+        return tokens
+    volume = tokens.transpose(1, 2).reshape(batch, width, *grid)
+    return F.avg_pool3d(volume, pool).flatten(2).transpose(1, 2)
+
+
 @dataclass
 class TargetStats:
     """Counted target outcomes of a batch (bad input is counted, not silently trained on).
@@ -88,10 +173,12 @@ class TargetStats:
     Attributes:
         empty: Targets without a single word (only special tokens); left out of the loss.
         truncated: Targets longer than the decoder limit, cut to it (they lose their end token).
+        unknown: Target tokens outside a compact output vocabulary, trained as ``[UNK]``.
     """
 
     empty: int = 0
     truncated: int = 0
+    unknown: int = 0
 
 
 def prepare_targets(
@@ -229,6 +316,12 @@ class ReportGenerator(nn.Module):
             abnormal ones first, the rest drawn at random among the normal ones (a batch holds
             ~30 mostly normal pairs per study and the LM head over the vocabulary dominates the
             step); ``None`` trains on all.
+        vocabulary: Tokenizer ids of a compact output vocabulary (:func:`target_vocabulary`);
+            the decoder is cut to them (:func:`compact_decoder`). Token ids in and out stay the
+            tokenizer's; ``None`` keeps the decoder's whole vocabulary.
+        unk_token_id: Tokenizer id that stands in for target tokens outside ``vocabulary``.
+        memory_pool: Whole mode: average this ``(d, h, w)`` block of visual tokens into one
+            memory token (:func:`pool_tokens`); ``None`` reads every token (the paper).
     """
 
     def __init__(
@@ -243,6 +336,9 @@ class ReportGenerator(nn.Module):
         pad_token_id: int = 0,
         max_target_length: int = 256,
         max_pairs: int | None = None,
+        vocabulary: Sequence[int] | None = None,
+        unk_token_id: int = 100,
+        memory_pool: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if max_pairs is not None and max_pairs < 1:
@@ -259,13 +355,62 @@ class ReportGenerator(nn.Module):
         self.num_anatomies, self.mode, self.frozen = num_anatomies, mode, frozen
         self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
         self.pad_token_id, self.max_target_length = pad_token_id, max_target_length
-        self.max_pairs = max_pairs
+        self.max_pairs, self.unk_token_id = max_pairs, unk_token_id
+        if memory_pool is not None and (len(memory_pool) != 3 or min(memory_pool) < 1):
+            raise ValueError(f"memory_pool must be 3 positive ints, got {memory_pool!r}")
+        self.memory_pool = None if memory_pool is None else tuple(int(p) for p in memory_pool)
+        self.vocabulary: torch.Tensor | None
+        self.register_buffer("vocabulary", None)
+        if vocabulary is not None:
+            self.use_vocabulary(vocabulary)
         width = int(decoder.config.hidden_size)
         self.memory = VisualMemory(encoder.hidden_size, width, num_anatomies)
         self.normal_head = nn.Linear(width, 1) if mode == "anatomy" else None
         if frozen:
             self.encoder.requires_grad_(False)
         self.train()
+
+    def use_vocabulary(self, vocabulary: Sequence[int]) -> None:
+        """Cut the decoder to a compact output vocabulary (before the optimiser is built).
+
+        ``vocabulary`` (a buffer, so checkpoints carry it) maps compact ids back to the
+        tokenizer's; a lookup table maps the other way, with ``[UNK]`` for the ids it lacks.
+        """
+        if self.vocabulary is not None:
+            raise ValueError("the decoder already has a compact vocabulary")
+        ids = torch.as_tensor(list(vocabulary), dtype=torch.long)
+        specials = (self.bos_token_id, self.eos_token_id, self.pad_token_id, self.unk_token_id)
+        missing = sorted({int(i) for i in specials} - set(ids.tolist()))
+        if missing:
+            raise ValueError(f"the compact vocabulary lacks the special token ids {missing}")
+        config = self.decoder.config
+        rebuilt = getattr(config, "tokenizer_vocab_size", None) is not None
+        if rebuilt and int(config.vocab_size) != ids.numel():
+            raise ValueError(
+                f"the decoder is compact with {config.vocab_size} ids, the vocabulary has "
+                f"{ids.numel()}"
+            )
+        full = int(config.tokenizer_vocab_size) if rebuilt else int(config.vocab_size)
+        if not rebuilt:  # a decoder rebuilt from a compact one's config is compact already
+            compact_decoder(self.decoder, ids.tolist())
+        lookup = torch.full((full,), int((ids == self.unk_token_id).nonzero()), dtype=torch.long)
+        lookup[ids] = torch.arange(ids.numel())
+        device = self.decoder.device
+        self.vocabulary = ids.to(device)
+        self.register_buffer("to_compact", lookup.to(device), persistent=False)
+
+    def compact(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Tokenizer ids -> decoder ids, and how many became ``[UNK]`` (identity when full)."""
+        if self.vocabulary is None:
+            return ids, 0
+        out = self.to_compact[ids]
+        unknown = int(
+            ((out == self.to_compact[self.unk_token_id]) & (ids != self.unk_token_id)).sum()
+        )
+        return out, unknown
+
+    def _decoder_id(self, token_id: int) -> int:
+        return token_id if self.vocabulary is None else int(self.to_compact[token_id])
 
     def train(self, mode: bool = True) -> ReportGenerator:
         """A frozen encoder stays in eval mode (no dropout on features it does not learn)."""
@@ -298,11 +443,13 @@ class ReportGenerator(nn.Module):
         """Teacher-forced LM loss (anatomy mode: plus the normal head's BCE) and target counts.
 
         Whole mode reads ``report_input_ids``/``report_attention_mask``; anatomy mode reads
-        ``anatomy``, ``valid``, ``normal`` and ``text_input_ids``/``text_attention_mask``.
+        ``anatomy``, ``valid``, ``normal`` and ``text_input_ids``/``text_attention_mask``. Under
+        the frozen protocol ``visual_tokens`` (the encoder's tokens of ``image``, computed once)
+        may stand in for ``image``.
         """
-        tokens = self.visual_tokens(batch["image"])
+        tokens = self._tokens(batch.get("visual_tokens"), batch.get("image"))
         if self.mode == "whole":
-            memory, mask = self.memory.whole(tokens)
+            memory, mask = self.memory.whole(self._pooled(tokens, batch["image"]))
             ids, attention = batch["report_input_ids"], batch["report_attention_mask"]
             normal_loss = None
         else:
@@ -320,6 +467,8 @@ class ReportGenerator(nn.Module):
             logits = self.normal_head(pooled).squeeze(-1)
             normal_loss = F.binary_cross_entropy_with_logits(logits, target)
         ids, attention, labels, stats = prepare_targets(ids, attention, self.max_target_length)
+        ids, stats.unknown = self.compact(ids)
+        labels = torch.where(labels == -100, labels, ids)
         lm_loss = self._lm_loss(ids, attention, labels, memory, mask)
         losses = {"lm_loss": lm_loss, "loss": lm_loss, "stats": stats}
         if normal_loss is not None:
@@ -357,14 +506,29 @@ class ReportGenerator(nn.Module):
         )
         return out.loss
 
+    def _tokens(self, tokens: torch.Tensor | None, image: torch.Tensor | None) -> torch.Tensor:
+        if tokens is None:
+            return self.visual_tokens(image)
+        if not self.frozen:
+            raise ValueError("cached visual tokens need the frozen protocol (a trained encoder's "
+                             "tokens change every step)")  # fmt: skip
+        return tokens
+
+    def _pooled(self, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        if self.memory_pool is None:
+            return tokens
+        grid = [s // p for s, p in zip(image.shape[-3:], self.encoder.patch_size, strict=True)]
+        return pool_tokens(tokens, grid, self.memory_pool)
+
     @torch.no_grad()
     def _decode(
         self, memory: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, num_beams: int
     ) -> torch.Tensor:
         from transformers import DynamicCache, EncoderDecoderCache
 
-        start = torch.full((memory.shape[0], 1), self.bos_token_id, device=memory.device)
-        return self.decoder.generate(
+        bos = self._decoder_id(self.bos_token_id)
+        start = torch.full((memory.shape[0], 1), bos, device=memory.device)
+        ids = self.decoder.generate(
             input_ids=start,
             attention_mask=torch.ones_like(start),
             encoder_hidden_states=memory,
@@ -374,19 +538,23 @@ class ReportGenerator(nn.Module):
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
             do_sample=False,
-            eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id,
+            eos_token_id=self._decoder_id(self.eos_token_id),
+            pad_token_id=self._decoder_id(self.pad_token_id),
         )
+        return ids if self.vocabulary is None else self.vocabulary[ids]
 
     @torch.no_grad()
     def generate(
         self,
-        image: torch.Tensor,
+        image: torch.Tensor | None,
         anatomy: torch.Tensor | None = None,
         max_new_tokens: int = 128,
         num_beams: int = 1,
+        visual_tokens: torch.Tensor | None = None,
     ) -> dict[str, Any]:
-        """Generated token ids (greedy with ``num_beams=1``, else beam search).
+        """Generated tokenizer ids (greedy with ``num_beams=1``, else beam search).
+
+        ``visual_tokens`` (frozen protocol) stand in for the encoder's tokens of ``image``.
 
         Returns:
             Whole mode: ``{"ids": (B, T)}``. Anatomy mode: ``{"ids": (P, T), "sample": (P,),
@@ -397,9 +565,9 @@ class ReportGenerator(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            tokens = self.visual_tokens(image)
+            tokens = self._tokens(visual_tokens, image)
             if self.mode == "whole":
-                memory, mask = self.memory.whole(tokens)
+                memory, mask = self.memory.whole(self._pooled(tokens, image))
                 return {"ids": self._decode(memory, mask, max_new_tokens, num_beams)}
             if anatomy is None:
                 raise ValueError("anatomy-wise generation needs the anatomy label map")
