@@ -368,10 +368,12 @@ class StudyProcessor:
             cut = truncated_faces(
                 canonical_anatomy.data, canonical_anatomy.spacing, config.truncation_margin_mm
             )
-            volume = resample(canonical, config.spacing, "linear", threads=self.threads)
-            del canonical
+            # The label map first: its source grid is gone before the image's resampling
+            # allocates (the peak).
             anatomy = resample(canonical_anatomy, config.spacing, "nearest").data
             del canonical_anatomy
+            volume = resample(canonical, config.spacing, "linear", threads=self.threads)
+            del canonical
             image = window_hu(volume.data, config.hu_window).astype(np.float16)
         with _stage(f"report of {row.study_id}"):
             decomposition = self.decomposer.decompose(row.findings, row.impression)
@@ -420,10 +422,13 @@ class StudyProcessor:
         }
 
     def _group_mask(self, row: ManifestRow, read: Future[MaskFile]) -> tuple[np.ndarray, str, str]:
-        """Grouped anatomy ids of a precomputed mask, with its TotalSegmentator version."""
+        """Grouped anatomy ids of a precomputed mask, with its TotalSegmentator version.
+
+        The map is grouped in place: the read's class ids are not needed afterwards.
+        """
         labels = read.result().labels
         version, why = detect_totalseg_version(labels, self.config.totalseg_version, row.mask)
-        return self.table.group(labels, version), version, why
+        return self.table.group(labels, version, in_place=True), version, why
 
     def _anatomy_map(
         self,

@@ -284,11 +284,11 @@ def detect_totalseg_version(
             f"{where}the class names in the mask header match neither TotalSegmentator v1 nor "
             "v2; set totalseg_version"
         )
-    counts = class_counts(labels)
-    present = {int(i) for i in np.flatnonzero(counts)} - {0}
-    top = max(present, default=0)
+    top = int(np.max(labels, initial=0))  # one cheap pass decides most v2 maps
     if top > _V1_MAX_ID:
         return "v2", f"auto: class id {top} > {_V1_MAX_ID} exists only in v2"
+    counts = class_counts(labels)
+    present = {int(i) for i in np.flatnonzero(counts)} - {0}
     if present <= _SHARED_IDS:
         return "v2", "auto: only ids 1-6 present, the same classes in v1 and v2"
     votes: dict[str, str] = {}

@@ -237,3 +237,20 @@ def test_grouping_an_unsigned_map_equals_the_int64_path(paper_table):
     grouped = paper_table.group(labels, "v2")
     assert np.array_equal(grouped, paper_table.lookup("v2")[labels.astype(np.int64)])
     assert grouped.dtype == np.uint8
+
+
+def test_grouping_in_place_equals_the_copy_for_any_layout(paper_table, monkeypatch):
+    """``in_place`` overwrites a uint8 map chunk by chunk (C or Fortran order) with the same ids;
+    other maps are grouped into a copy and left as they were."""
+    from fvlm import anatomy
+
+    monkeypatch.setattr(anatomy, "_GROUP_CHUNK", 37)  # chunks that do not divide the map
+    rng = np.random.default_rng(2)
+    source = rng.integers(0, 118, size=(6, 7, 8)).astype(np.uint8)
+    expected = paper_table.group(source, "v2")
+    for labels in (source.copy(), np.asfortranarray(source)):
+        grouped = paper_table.group(labels, "v2", in_place=True)
+        assert grouped is labels and np.array_equal(grouped, expected)
+    wide = source.astype(np.int32)
+    assert np.array_equal(paper_table.group(wide, "v2", in_place=True), expected)
+    assert np.array_equal(wide, source)  # not overwritten: an int32 map is not a uint8 result
