@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--studies", type=int, default=1, help="distinct phantom studies")
     parser.add_argument("--copies", type=int, default=8, help="listings of each study")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--batches", type=int, default=6, help="timed batches per setting")
+    parser.add_argument("--batches", type=int, default=12, help="timed batches per setting")
     parser.add_argument("--samples", type=int, default=6, help="samples for bytes and profile")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
     parser.add_argument("--quick", action="store_true", help="6 mm cache, 8 x 24 x 24 crop")
