@@ -75,7 +75,7 @@ demo: ## Install, make phantom data, preprocess, train fVLM + CLIP, evaluate, pr
 	$(MAKE) --no-print-directory phantom preprocess train-demo eval-demo predict-demo && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s; plots and tables in runs/demo/eval/, one scan's findings in runs/demo/predict/"
 
-demo-report: $(STAMP) ## Report generation on the phantom (Tab. 3-like: random / CLIP / fVLM x whole / anatomy-wise; ~20 min on 2 cores)
+demo-report: $(STAMP) ## Report generation on the phantom (Tab. 3-like: random / CLIP / fVLM x whole / anatomy-wise; ~13 min on 2 cores)
 	@test -f runs/demo/fvlm/checkpoints/last.ckpt -a -f runs/demo/clip/checkpoints/last.ckpt || $(MAKE) --no-print-directory train-demo
 	@start=$$(date +%s); \
 	$(BIN)/python -m fvlm.lit_modules.report_generation --cache_dir $(CACHE) --labels $(DATA)/labels.csv --out_dir runs/demo/report && \
