@@ -44,13 +44,14 @@ from fvlm.anatomy import AnatomyTable, anatomy_table_from_dict, load_anatomy_tab
 from fvlm.checkpoint import NETWORK_KEY
 from fvlm.pretrained import (
     CONFIG_NAME,
-    MASK_HELP,
     PREDICT_SPLIT,
     TOKENIZER_DIR,
     WEIGHTS_NAME,
     preprocess_scans,
+    read_folder_config,
     recipe_from_cache,
     table_to_dict,
+    training_recipe,
 )
 
 if TYPE_CHECKING:
@@ -224,17 +225,7 @@ class PretrainedReportGenerator:
         data = checkpoint.get("datamodule_hyper_parameters")
         data = dict(data) if isinstance(data, Mapping) else {}
         table = load_anatomy_table(data.get("anatomy_table") or "paper")
-        cache_dir = cache if cache is not None else data.get("cache_dir")
-        try:
-            if cache_dir is None:
-                raise FileNotFoundError("the checkpoint records no data.cache_dir")
-            recipe = recipe_from_cache(cache_dir, table)
-        except (FileNotFoundError, ValueError) as err:
-            raise ValueError(
-                f"{ckpt}: cannot read the preprocessing recipe from the training cache "
-                f"(--cache {cache!r}, the checkpoint's data.cache_dir "
-                f"{data.get('cache_dir')!r}): {err}"
-            ) from None
+        recipe = training_recipe(ckpt, cache, data, table)
         return cls._checked(module.to(device), table, recipe, ckpt)
 
     @classmethod
@@ -253,14 +244,8 @@ class PretrainedReportGenerator:
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no such report-generator folder or checkpoint")
-        config_path, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        for path in (config_path, weights, folder / TOKENIZER_DIR):
-            if not path.exists():
-                raise ValueError(f"{folder}: not a report-generator folder (no {path.name})")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_path}: not valid JSON: {err}") from None
+        config, config_path = read_folder_config(folder, "a report-generator folder")
+        weights = folder / WEIGHTS_NAME
         if config.get("format") != FORMAT:
             raise ValueError(
                 f"{config_path}: not a report-generator folder (format {config.get('format')!r}"
@@ -575,19 +560,9 @@ def _scan_rows(
     progress: bool,
 ) -> list[dict[str, str]]:
     """Preprocess the scans as ``fvlm predict`` does, then generate; failed scans keep a row."""
-    from fvlm.predict import collect_scans
+    from fvlm.predict import plan_scans
 
-    batch = collect_scans(scans, mask)
-    if segmenter == "precomputed" and all(s.mask is None for s in batch):
-        raise ValueError(f"{scans}: {MASK_HELP}")
-    if segmenter == "totalsegmentator":
-        _check_totalsegmentator(writer)
-    failed = {
-        s.study_id: f"{s.image}: no label map in {mask}"
-        for s in batch
-        if segmenter == "precomputed" and s.mask is None
-    }
-    todo = [s for s in batch if s.study_id not in failed]
+    batch, todo, failed = plan_scans(scans, mask, segmenter, writer.recipe)
     reports: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="fvlm-generate-") as tmp:
         cache_dir = Path(work_dir if work_dir is not None else tmp) / "cache"
@@ -603,15 +578,6 @@ def _scan_rows(
          "error": failed.get(s.study_id, "")}
         for s in batch
     ]  # fmt: skip
-
-
-def _check_totalsegmentator(writer: PretrainedReportGenerator) -> None:
-    from fvlm.preprocess.segmentation import TotalSegmentatorUnavailable, check_totalsegmentator
-
-    try:
-        check_totalsegmentator(bool(writer.recipe.get("totalseg_fast") or False))
-    except TotalSegmentatorUnavailable as err:
-        raise ValueError(f"{err} (or give --mask: {MASK_HELP})") from None
 
 
 def _print_summary(

@@ -46,7 +46,7 @@ from fvlm.pretrained import (
 if TYPE_CHECKING:
     from fvlm.heatmap import AnatomyHeatmap
 
-__all__ = ["PROBABILITY_DEFINITION", "collect_scans", "load_model", "predict"]
+__all__ = ["PROBABILITY_DEFINITION", "collect_scans", "load_model", "plan_scans", "predict"]
 
 PROBABILITY_DEFINITION = (
     "P(finding) = softmax over {negative, positive} prompt logits of the anatomy embedding "
@@ -178,17 +178,7 @@ def predict(
     fvlm = load_model(model, cache, device)
     for text in queries:
         parse_query(text, fvlm.table)  # an unknown anatomy fails before any scan is read
-    batch = collect_scans(scans, mask)
-    if segmenter == "precomputed" and all(s.mask is None for s in batch):
-        raise ValueError(f"{scans}: {MASK_HELP}")
-    if segmenter == "totalsegmentator":
-        _check_totalsegmentator(fvlm)
-    failed = {
-        s.study_id: f"{s.image}: no label map in {mask}"
-        for s in batch
-        if segmenter == "precomputed" and s.mask is None
-    }
-    todo = [s for s in batch if s.study_id not in failed]
+    batch, todo, failed = plan_scans(scans, mask, segmenter, fvlm.recipe)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fvlm-predict-") as tmp:
@@ -217,13 +207,33 @@ def predict(
     return 1 if failed else 0
 
 
-def _check_totalsegmentator(model: FVLM) -> None:
-    from fvlm.preprocess.segmentation import TotalSegmentatorUnavailable, check_totalsegmentator
+def plan_scans(
+    scans: str | Path, mask: str | None, segmenter: str, recipe: dict
+) -> tuple[list[Scan], list[Scan], dict[str, str]]:
+    """The scans of ``scans`` (see :func:`collect_scans`): all, those to run, and failures.
 
-    try:
-        check_totalsegmentator(bool(model.recipe.get("totalseg_fast") or False))
-    except TotalSegmentatorUnavailable as err:
-        raise ValueError(f"{err} (or give --mask: {MASK_HELP})") from None
+    A scan without its label map fails (when masks are precomputed) and keeps its row; with
+    ``segmenter: totalsegmentator`` its weights are checked before any scan is read.
+    """
+    batch = collect_scans(scans, mask)
+    if segmenter == "precomputed" and all(s.mask is None for s in batch):
+        raise ValueError(f"{scans}: {MASK_HELP}")
+    if segmenter == "totalsegmentator":
+        from fvlm.preprocess.segmentation import (
+            TotalSegmentatorUnavailable,
+            check_totalsegmentator,
+        )
+
+        try:
+            check_totalsegmentator(bool(recipe.get("totalseg_fast") or False))
+        except TotalSegmentatorUnavailable as err:
+            raise ValueError(f"{err} (or give --mask: {MASK_HELP})") from None
+    failed = {
+        s.study_id: f"{s.image}: no label map in {mask}"
+        for s in batch
+        if segmenter == "precomputed" and s.mask is None
+    }
+    return batch, [s for s in batch if s.study_id not in failed], failed
 
 
 def _embed(

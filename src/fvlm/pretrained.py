@@ -75,8 +75,10 @@ __all__ = [
     "nifti_reference",
     "scan_id",
     "stage_scan",
+    "read_folder_config",
     "recipe_from_cache",
     "table_to_dict",
+    "training_recipe",
     "write_heatmaps",
 ]
 
@@ -313,19 +315,9 @@ class FVLM:
                 f"fvlm predict and the pretrained folder take {' or '.join(_ZERO_SHOT_KINDS)}"
             )
         data = _datamodule_hparams(ckpt)
-        cache_dir = cache if cache is not None else data.get("cache_dir")
         table_source = data.get("anatomy_table") or trained.hparams.get("anatomy_table") or "paper"
         table = load_anatomy_table(table_source)
-        try:
-            if cache_dir is None:
-                raise FileNotFoundError("the checkpoint records no data.cache_dir")
-            recipe = recipe_from_cache(cache_dir, table)
-        except (FileNotFoundError, ValueError) as err:
-            raise ValueError(
-                f"{ckpt}: cannot read the preprocessing recipe from the training cache "
-                f"(--cache {cache!r}, the checkpoint's data.cache_dir "
-                f"{data.get('cache_dir')!r}): {err}"
-            ) from None
+        recipe = training_recipe(ckpt, cache, data, table)
         tokenizer = data.get("tokenizer") or trained.hparams.get("text_model")
         trained.hparams["text_model"] = tokenizer
         options = network_options(trained.hparams)
@@ -344,14 +336,8 @@ class FVLM:
         folder = Path(name_or_path)
         if not folder.is_dir():
             folder = _download(str(name_or_path))
-        config_path, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        for path in (config_path, weights, folder / TOKENIZER_DIR):
-            if not path.exists():
-                raise ValueError(f"{folder}: not an fvlm pretrained folder (no {path.name})")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_path}: not valid JSON: {err}") from None
+        config, config_path = read_folder_config(folder, "an fvlm pretrained folder")
+        weights = folder / WEIGHTS_NAME
         if config.get("format") != FORMAT:
             raise ValueError(f"{config_path}: not an fvlm pretrained config (format {FORMAT!r})")
         if int(config.get("format_version", 0)) > FORMAT_VERSION:
@@ -693,6 +679,46 @@ MASK_HELP = (
     "the 'mask' column of a manifest), or run TotalSegmentator (--segmenter totalsegmentator; "
     "needs its weights installed, see totalseg_download_weights / totalseg_import_weights)"
 )
+
+
+def read_folder_config(folder: Path, what: str) -> tuple[dict, Path]:
+    """``config.json`` of a pretrained folder (fVLM or report generator) and its path.
+
+    Raises:
+        ValueError: The weights, config or tokenizer are missing, or the config is not JSON;
+            ``what`` names the kind of folder expected.
+    """
+    config_path = folder / CONFIG_NAME
+    for path in (config_path, folder / WEIGHTS_NAME, folder / TOKENIZER_DIR):
+        if not path.exists():
+            raise ValueError(f"{folder}: not {what} (no {path.name})")
+    try:
+        return json.loads(config_path.read_text()), config_path
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path}: not valid JSON: {err}") from None
+
+
+def training_recipe(
+    ckpt: Path, cache: str | Path | None, data: Mapping[str, Any], table: AnatomyTable
+) -> dict:
+    """The preprocessing recipe of a checkpoint's training cache, read from the cache's meta.
+
+    ``cache`` overrides the cache the checkpoint's data hyper-parameters (``data``) record.
+
+    Raises:
+        ValueError: No cache recorded or given, or none readable there (both paths named).
+    """
+    cache_dir = cache if cache is not None else data.get("cache_dir")
+    try:
+        if cache_dir is None:
+            raise FileNotFoundError("the checkpoint records no data.cache_dir")
+        return recipe_from_cache(cache_dir, table)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(
+            f"{ckpt}: cannot read the preprocessing recipe from the training cache "
+            f"(--cache {cache!r}, the checkpoint's data.cache_dir "
+            f"{data.get('cache_dir')!r}): {err}"
+        ) from None
 
 
 def write_heatmaps(
