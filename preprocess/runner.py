@@ -136,7 +136,8 @@ class StudyProcessor:
         self.config_hash = config.fingerprint(table)
         # The cores left to each worker process: a study's image and mask decode side by side
         # and its resampling is split across them (all 1 when workers fill the machine).
-        self.threads = max(1, len(os.sched_getaffinity(0)) // config.workers)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        self.threads = max(1, (cpus or 1) // config.workers)
 
     # -- resumability ----------------------------------------------------------------------------
 
