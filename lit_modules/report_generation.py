@@ -234,8 +234,14 @@ class ReportGenerationModule(LightningModule):
         """The same loss on validation studies (generation is left to ``test``)."""
         self._step("val", batch)
 
-    def generate_reports(self, batch: dict) -> list[str]:
-        """One generated report per study of the batch."""
+    def generate_reports(
+        self, batch: dict, anatomy_names: Sequence[str] | None = None
+    ) -> list[str]:
+        """One generated report per study of the batch.
+
+        ``anatomy_names`` name the anatomies of anatomy-wise reports; default: the trainer's
+        data module's (``fvlm generate`` passes its table's, having no trainer).
+        """
         hp = self.hparams
         out = self.generator.generate(
             batch["image"], batch["anatomy"], max_new_tokens=hp.max_new_tokens,
@@ -252,7 +258,7 @@ class ReportGenerationModule(LightningModule):
             strict=True,
         ):  # fmt: skip
             described[s][a], normal[s][a] = text, p >= 0.5
-        names = self._anatomy_names()
+        names = list(anatomy_names) if anatomy_names is not None else self._anatomy_names()
         return [assemble_report(d, n, names) for d, n in zip(described, normal, strict=True)]
 
     def _anatomy_names(self) -> list[str]:

@@ -414,8 +414,8 @@ def _linear_slabs(
     other = max(free, key=lambda a: data.shape[a])
     first = list(data.shape)
     first[passes[0][0]] = len(passes[0][1])  # the slab's largest temporary: after the first pass
-    per_index = 4 * int(np.prod(first)) // data.shape[other]
-    slabs = min(data.shape[other], max(threads, -(-per_index * data.shape[other] // _SLAB_BYTES)))
+    slabs = -(-4 * int(np.prod(first)) // _SLAB_BYTES)  # float32 bytes / bytes per slab, rounded up
+    slabs = min(data.shape[other], max(threads, slabs))
     bounds = np.linspace(0, data.shape[other], slabs + 1).astype(int)
 
     def slab(k: int) -> None:

@@ -30,8 +30,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -386,41 +385,15 @@ class PretrainedReportGenerator:
         )
         reports: dict[str, str] = {}
         bar = tqdm(total=len(dataset), desc="generate", unit="study", disable=not progress)
-        with bar, self._anatomy_names(), torch.no_grad():
+        with bar, torch.no_grad():
             for batch in loader:
                 moved = {
                     k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()
                 }
-                texts = self.module.generate_reports(moved)
+                texts = self.module.generate_reports(moved, self.table.names)
                 reports.update(zip(batch["study_id"], texts, strict=True))
                 bar.update(len(texts))
         return reports
-
-    @contextmanager
-    def _anatomy_names(self) -> Iterator[None]:
-        """Stand in for a trainer's data module, where the module reads anatomy names.
-
-        Anatomy-wise reports name the table's anatomies ("The liver ... no significant
-        abnormalities"); outside a trainer the module would fall back to "anatomy 3".
-        """
-        if self.module.hparams.get("mode") != "anatomy" or self.module._trainer is not None:
-            yield
-            return
-        self.module.trainer = _DataOnly(_TableNames(list(self.table.names)))  # type: ignore[assignment]
-        try:
-            yield
-        finally:
-            self.module.trainer = None  # type: ignore[assignment]
-
-
-@dataclasses.dataclass(frozen=True)
-class _TableNames:
-    anatomy_names: list[str]
-
-
-@dataclasses.dataclass(frozen=True)
-class _DataOnly:
-    datamodule: _TableNames
 
 
 def load_report_generator(
