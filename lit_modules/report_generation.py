@@ -29,6 +29,7 @@ from fvlm.data_modules.collate import finish_crops
 from fvlm.data_modules.study_dataset import CachedStudyDataset, cache_hu_window, whole_report_text
 from fvlm.lit_modules.contrastive import adamw
 from fvlm.models import MINILM, VisionConfig
+from fvlm.models.anatomy_pooling import AnatomyPooling
 from fvlm.models.intensity_windows import check_source_window
 from fvlm.models.text import load_tokenizer
 from fvlm.models.vision import VisionTransformer3D
@@ -38,6 +39,7 @@ from fvlm.report_generation import (
     ReportGenerator,
     assemble_report,
     build_decoder,
+    new_anatomy_pooling,
     target_vocabulary,
 )
 from fvlm.report_metrics import clinical_accuracy, language_scores
@@ -50,15 +52,17 @@ OutputVocabulary = Literal["targets", "full"]
 
 def load_encoder(
     checkpoint: str | None, vision: VisionConfig | None, num_anatomies: int
-) -> VisionTransformer3D:
-    """The 3D ViT of an fvlm checkpoint (fVLM, co-teaching, CLIP), or a random one.
+) -> tuple[VisionTransformer3D, AnatomyPooling | None]:
+    """The 3D ViT of an fvlm checkpoint, or a random one, and the checkpoint's anatomy pooling.
+
+    The pooling comes from fVLM and co-teaching checkpoints; CLIP and random encoders have none.
 
     Raises:
         ValueError: The checkpoint is unreadable or refused (see :func:`load_network`), or an fVLM
             checkpoint was trained on an anatomy table of another length than the data's.
     """
     if checkpoint is None:
-        return VisionTransformer3D(vision)
+        return VisionTransformer3D(vision), None
     trained = load_network(checkpoint)
     trained_anatomies = int(trained.hparams.get("num_anatomies", 0) or 0)
     if trained.kind == "fine_grained" and num_anatomies and trained_anatomies != num_anatomies:
@@ -66,7 +70,8 @@ def load_encoder(
             f"{checkpoint}: trained on an anatomy table of {trained_anatomies} anatomies, but "
             f"the data's table has {num_anatomies}; use the table the encoder was trained with"
         )
-    return trained.network.vision
+    pooling = getattr(trained.network, "pooling", None)
+    return trained.network.vision, pooling if isinstance(pooling, AnatomyPooling) else None
 
 
 class ReportGenerationModule(LightningModule):
@@ -76,6 +81,10 @@ class ReportGenerationModule(LightningModule):
         num_anatomies: Length of the anatomy table (linked from the data module).
         vision: Shape of a random encoder (ignored with ``encoder_checkpoint``, whose own shape
             is used).
+        anatomy_pooling: Anatomy mode: ``{"embed_dim": E, "num_heads": h}`` of the anatomy
+            pooling; filled in at construction (an fVLM checkpoint's own, else the encoder's
+            width and heads) and saved in the hyper-parameters, so a checkpoint or exported
+            folder rebuilds the same module without the encoder checkpoint.
         text_model: Decoder weights and vocabulary (linked from the data module's tokenizer, so
             the targets are tokenised with the decoder's vocabulary).
         encoder_checkpoint: An fvlm training checkpoint whose vision tower is the encoder;
@@ -110,6 +119,7 @@ class ReportGenerationModule(LightningModule):
         self,
         num_anatomies: int = 0,
         vision: VisionConfig | None = None,
+        anatomy_pooling: dict[str, int] | None = None,
         text_model: str = MINILM,
         encoder_checkpoint: str | None = None,
         protocol: Protocol = "frozen",
@@ -140,10 +150,16 @@ class ReportGenerationModule(LightningModule):
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.tokenizer = load_tokenizer(text_model)
+        encoder, pooling = load_encoder(encoder_checkpoint, vision, num_anatomies)
+        pretrained = pooling is not None and mode == "anatomy"
+        if mode == "anatomy" and pooling is None:
+            pooling = new_anatomy_pooling(encoder, num_anatomies, **(anatomy_pooling or {}))
         self.generator = ReportGenerator(
-            load_encoder(encoder_checkpoint, vision, num_anatomies),
+            encoder,
             build_decoder(text_model, decoder_config, decoder_layers),
             num_anatomies=num_anatomies,
+            pooling=pooling if mode == "anatomy" else None,
+            pooling_pretrained=pretrained,
             mode=mode,
             frozen=protocol == "frozen",
             bos_token_id=self.tokenizer.cls_token_id,
@@ -155,6 +171,11 @@ class ReportGenerationModule(LightningModule):
             unk_token_id=self.tokenizer.unk_token_id,
             memory_pool=memory_pool,
         )
+        if self.generator.pooling is not None:
+            self.hparams.anatomy_pooling = {
+                "embed_dim": int(self.generator.pooling.proj_weight.shape[-1]),
+                "num_heads": int(self.generator.pooling.num_heads),
+            }
         self.outputs: list[dict[str, str]] = []
         self.features: dict[str, torch.Tensor] = {}  # study id -> visual tokens (cache_features)
 

@@ -109,25 +109,73 @@ def test_clean_description_and_assembly_in_table_order() -> None:
 
 def test_visual_memory_gathers_one_anatomys_tokens() -> None:
     torch.manual_seed(0)
-    memory = VisualMemory(4, 6, num_anatomies=2)
+    memory = VisualMemory(4, 6, num_anatomies=2, anatomy_width=3)
     tokens = torch.randn(2, 5, 4)
     membership = torch.zeros(2, 2, 5, dtype=torch.bool)
     membership[0, 1, [1, 3]] = True
     membership[1, 0, [0, 2, 4]] = True
-    out, mask, pooled = memory.anatomy(
-        tokens, membership, torch.tensor([0, 1]), torch.tensor([1, 0])
+    embedding = torch.randn(2, 3)  # each pair's anatomy token
+    out, mask = memory.anatomy(
+        tokens, membership, torch.tensor([0, 1]), torch.tensor([1, 0]), embedding
     )
-    assert out.shape == (2, 4, 6)  # pooled + the largest anatomy's 3 tokens
+    assert out.shape == (2, 4, 6)  # anatomy token + the largest anatomy's 3 tokens
     assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
     where = memory.anatomy_embedding.weight
-    expected_first = memory.proj(
-        torch.stack([tokens[0, [1, 3]].mean(0), tokens[0, 1], tokens[0, 3]])
-    )
-    torch.testing.assert_close(out[0, :3], expected_first + where[1])
-    torch.testing.assert_close(pooled[1], memory.proj(tokens[1, [0, 2, 4]].mean(0)) + where[0])
+    torch.testing.assert_close(out[0, 0], memory.anatomy_proj(embedding[0]) + where[1])
+    torch.testing.assert_close(out[0, 1:3], memory.proj(tokens[0, [1, 3]]) + where[1])
+    torch.testing.assert_close(out[1, 1:], memory.proj(tokens[1, [0, 2, 4]]) + where[0])
     membership[0, 1] = False
     with pytest.raises(ValueError, match="at least one visual token"):
-        memory.anatomy(tokens, membership, torch.tensor([0]), torch.tensor([1]))
+        memory.anatomy(tokens, membership, torch.tensor([0]), torch.tensor([1]), embedding[:1])
+    whole = VisualMemory(4, 6, num_anatomies=2)  # whole mode: no anatomy parameters at all
+    assert whole.anatomy_proj is None and whole.anatomy_embedding is None
+    with pytest.raises(ValueError, match="without anatomy tokens"):
+        whole.anatomy_token(embedding, torch.tensor([0, 1]))
+
+
+def test_normal_head_learns_from_every_valid_pair(tiny_bert, tokenizer) -> None:
+    """The LM reads max_pairs pairs; the normal head's BCE covers all of them (calibration)."""
+    generator = _generator(tiny_bert, mode="anatomy")
+    generator.max_pairs = 1
+    batch = _batch(tokenizer, ["a", "b"])  # 2 studies x anatomies 0 and 1 present and valid
+    torch.manual_seed(0)
+    out = generator(batch)
+    membership, sample, index = generator.pairs(batch["anatomy"], batch["valid"])
+    assert sample.numel() == 4
+    logits = generator.normal_logits(
+        generator.anatomy_tokens(generator.visual_tokens(batch["image"]), membership, sample,
+                                 index), index
+    )  # fmt: skip
+    target = batch["normal"][sample, index].float()
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    torch.testing.assert_close(out["normal_loss"], expected)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_pretrained_anatomy_pooling_is_frozen_with_the_encoder(
+    tmp_path, tiny_bert, frozen: bool
+) -> None:
+    path, network = _checkpoint(tmp_path, tiny_bert, num_anatomies=A)
+    encoder, pooling = load_encoder(path, None, num_anatomies=A)
+    assert pooling is not None
+    decoder = build_decoder(config=tiny_bert(hidden_size=32, intermediate_size=64))
+    fvlm = ReportGenerator(encoder, decoder, A, mode="anatomy", frozen=frozen, pooling=pooling,
+                           pooling_pretrained=True, max_target_length=32)  # fmt: skip
+    trained = {p.requires_grad for p in fvlm.pooling.parameters()}
+    assert trained == {not frozen}
+    fvlm.train()
+    assert fvlm.pooling.training is not frozen
+    random_encoder = VisionTransformer3D(VisionConfig(**VISION))
+    fresh = ReportGenerator(
+        random_encoder, build_decoder(config=tiny_bert()), A, mode="anatomy", max_target_length=32
+    )
+    assert all(p.requires_grad for p in fresh.pooling.parameters())  # a new pooling learns
+    assert fresh.pooling.proj_weight.shape == (A, 16, 16)  # the encoder's width and heads
+    assert fresh.pooling.num_heads == 2
+    whole = ReportGenerator(
+        random_encoder, build_decoder(config=tiny_bert()), A, mode="whole", max_target_length=32
+    )
+    assert whole.pooling is None and whole.normal_head is None
 
 
 @pytest.mark.parametrize("compact", [False, True])
@@ -225,28 +273,30 @@ def _checkpoint(tmp_path, tiny_bert, num_anatomies: int) -> tuple[str, torch.nn.
 
 def test_encoder_from_a_checkpoint_and_of_another_anatomy_table(tmp_path, tiny_bert) -> None:
     path, network = _checkpoint(tmp_path, tiny_bert, num_anatomies=A)
-    encoder = load_encoder(path, None, num_anatomies=A)
+    encoder, pooling = load_encoder(path, None, num_anatomies=A)
     image = torch.rand(1, 1, 8, 16, 16)
     torch.testing.assert_close(encoder(image), network.vision.eval()(image))
+    membership = torch.rand(1, A, 8) > 0.5
+    tokens = encoder(image)
+    torch.testing.assert_close(pooling(tokens, membership), network.pooling(tokens, membership))
     with pytest.raises(
         ValueError, match="anatomy table of 3 anatomies, but the data's table has 35"
     ):
         load_encoder(path, None, num_anatomies=35)
-    assert isinstance(load_encoder(None, VisionConfig(**VISION), A), VisionTransformer3D)
+    encoder, pooling = load_encoder(None, VisionConfig(**VISION), A)
+    assert isinstance(encoder, VisionTransformer3D) and pooling is None
 
 
 def test_max_pairs_keeps_abnormal_pairs_first(tiny_bert) -> None:
     generator = _generator(tiny_bert, mode="anatomy")
     generator.max_pairs = 2
-    sample, index = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0, 1, 2, 0, 1])
     normal = torch.tensor([True, False, True, True, True])
     for seed in range(5):
         torch.manual_seed(seed)
-        kept_sample, kept_index = generator._subsample(sample, index, normal)
-        pairs = list(zip(kept_sample.tolist(), kept_index.tolist(), strict=True))
-        assert len(pairs) == 2 and (0, 1) in pairs  # the abnormal pair is always trained on
+        keep = generator._subsample(normal).tolist()
+        assert len(keep) == 2 and 1 in keep  # the abnormal pair is always trained on
     generator.max_pairs = None
-    assert generator._subsample(sample, index, normal)[0] is sample
+    assert generator._subsample(normal).tolist() == [0, 1, 2, 3, 4]
 
 
 def test_target_vocabulary_and_compact_decoder_keep_the_logits_of_their_ids(tiny_bert) -> None:
