@@ -266,7 +266,7 @@ class ReportGenerationModule(LightningModule):
         hp = self.hparams
         out = self.generator.generate(
             batch["image"], batch["anatomy"], max_new_tokens=hp.max_new_tokens,
-            num_beams=hp.num_beams, visual_tokens=self.visual_tokens(batch),
+            num_beams=hp.num_beams, visual_tokens=self.visual_tokens(batch), describe_normal=False,
         )  # fmt: skip
         texts = self.tokenizer.batch_decode(out["ids"], skip_special_tokens=True)
         if self.generator.mode == "whole":

@@ -240,6 +240,11 @@ def test_anatomy_wise_training_and_generation(tiny_bert, tokenizer) -> None:
     decoded = tokenizer.batch_decode(gen["ids"], skip_special_tokens=True)
     assert decoded == ["kidney cyst.", "liver normal."] * 2
     assert gen["normal_prob"][1] < 0.5 < gen["normal_prob"][0]  # normal flags [T, F] learned
+    abnormal_only = generator.generate(
+        batch["image"], batch["anatomy"], max_new_tokens=8, describe_normal=False
+    )
+    decoded = tokenizer.batch_decode(abnormal_only["ids"], skip_special_tokens=True)
+    assert decoded == ["", "liver normal."] * 2  # the normal anatomy 0 is not decoded
     with pytest.raises(ValueError, match="anatomy label map"):
         generator.generate(batch["image"])
 

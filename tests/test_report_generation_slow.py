@@ -49,10 +49,10 @@ def test_reduced_report_demo_fvlm_beats_random_init(tmp_path) -> None:
         assert 0.0 <= acc <= 1.0 and 0.0 < bleu1 <= 1.0 and not math.isnan(rouge)
     f1 = float(re.search(r"F1 ([0-9.]+)", table).group(1))
     assert f1 > 0.9  # the clinical classifier's own F1 on held-out phantom reports
-    # The pre-trained encoder helps find the diseases: clinical macro F1 (measured 0.216 vs
-    # 0.110). Clinical ACC is not the test: a report naming no disease scores 0.853 on this
-    # phantom, and anatomy-wise fVLM and random init tie on it (0.636 vs 0.637, 2026-12-01).
-    assert rows["fvlm"][1] > rows["random"][1] + 0.05
+    # fVLM's clinical ACC beats random init's (measured 0.929 vs 0.862; a report naming no
+    # disease scores 0.853 on this phantom), and so does its macro F1 (0.698 vs 0.157).
+    assert rows["fvlm"][0] > rows["random"][0] + 0.03
+    assert rows["fvlm"][1] > rows["random"][1] + 0.2
     results = json.loads((tmp_path / "results.json").read_text())
     reports = results["runs"]["fvlm_anatomy"]["reports"]
     assert len(reports) == 120 and all(r["generated"] and r["reference"] for r in reports)

@@ -644,10 +644,14 @@ class ReportGenerator(nn.Module):
         max_new_tokens: int = 128,
         num_beams: int = 1,
         visual_tokens: torch.Tensor | None = None,
+        describe_normal: bool = True,
     ) -> dict[str, Any]:
         """Generated tokenizer ids (greedy with ``num_beams=1``, else beam search).
 
         ``visual_tokens`` (frozen protocol) stand in for the encoder's tokens of ``image``.
+        ``describe_normal=False`` (anatomy mode) decodes only the anatomies the normal head
+        calls abnormal, the ones :func:`assemble_report` writes out; the others' rows are
+        padding. Most anatomies of a study are normal, so this saves most of the decoding.
 
         Returns:
             Whole mode: ``{"ids": (B, T)}``. Anatomy mode: ``{"ids": (P, T), "sample": (P,),
@@ -666,12 +670,18 @@ class ReportGenerator(nn.Module):
                 raise ValueError("anatomy-wise generation needs the anatomy label map")
             membership, sample, index = self.pairs(anatomy)
             embedding = self.anatomy_tokens(tokens, membership, sample, index)
-            memory, mask = self.memory.anatomy(tokens, membership, sample, index, embedding)
-            return {
-                "ids": self._decode(memory, mask, max_new_tokens, num_beams),
-                "sample": sample,
-                "anatomy": index,
-                "normal_prob": torch.sigmoid(self.normal_logits(embedding, index)),
-            }
+            normal_prob = torch.sigmoid(self.normal_logits(embedding, index))
+            todo = torch.ones_like(normal_prob, dtype=torch.bool)
+            if not describe_normal:
+                todo = normal_prob < 0.5
+            ids = torch.full((sample.numel(), 1), self.pad_token_id, device=sample.device)
+            if bool(todo.any()):
+                memory, mask = self.memory.anatomy(
+                    tokens, membership, sample[todo], index[todo], embedding[todo]
+                )
+                decoded = self._decode(memory, mask, max_new_tokens, num_beams)
+                ids = ids.new_full((sample.numel(), decoded.shape[1]), self.pad_token_id)
+                ids[todo] = decoded
+            return {"ids": ids, "sample": sample, "anatomy": index, "normal_prob": normal_prob}
         finally:
             self.train(was_training)
