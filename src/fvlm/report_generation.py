@@ -22,8 +22,9 @@ order and summarises the normal ones in one sentence.
 The anatomy pooling is part of what an fVLM encoder learnt in pre-training, so an fVLM checkpoint
 brings its own (fixed under the frozen protocol, like the ViT); a CLIP or random encoder has none
 and gets a new one of the same shape, trained with the decoder. A plain mean of an anatomy's
-tokens was tried first: on the phantom it does not separate normal from abnormal anatomies for any
-encoder (within-anatomy AUROC below 0.5), while fVLM's pooled anatomy tokens do (0.93).
+tokens was tried first: on the phantom, linear probes on it do not separate normal from abnormal
+anatomies for any encoder (within-anatomy AUROC below 0.5), on fVLM's anatomy tokens they do
+(0.93).
 """
 
 from __future__ import annotations
