@@ -90,6 +90,8 @@ class ReportGenerationModule(LightningModule):
         encoder_checkpoint: An fvlm training checkpoint whose vision tower is the encoder;
             ``None`` is random initialisation.
         protocol: ``frozen`` (encoder fixed) or ``finetune`` (encoder trained too), as Tab. 3.
+        encoder_lr_scale: ``finetune``: the pre-trained encoder's (and anatomy pooling's)
+            learning rate as a fraction of the optimiser's; 1.0 trains all at one rate.
         mode: ``whole`` report (paper) or ``anatomy``-wise generation.
         decoder_config: ``BertConfig`` fields of a random decoder (tests); overrides
             ``text_model``'s weights.
@@ -123,6 +125,7 @@ class ReportGenerationModule(LightningModule):
         text_model: str = MINILM,
         encoder_checkpoint: str | None = None,
         protocol: Protocol = "frozen",
+        encoder_lr_scale: float = 1.0,
         mode: GenerationMode = "whole",
         decoder_config: dict | None = None,
         decoder_layers: int | None = None,
@@ -145,6 +148,8 @@ class ReportGenerationModule(LightningModule):
             raise ValueError(
                 f"output_vocabulary must be 'targets' or 'full', got {output_vocabulary!r}"
             )
+        if encoder_lr_scale <= 0:
+            raise ValueError(f"encoder_lr_scale must be > 0, got {encoder_lr_scale}")
         if cache_features and protocol != "frozen":
             raise ValueError("cache_features needs protocol 'frozen' (a trained encoder changes)")
         self.save_hyperparameters(ignore=["optimizer"])
@@ -337,8 +342,24 @@ class ReportGenerationModule(LightningModule):
             hparams["vision"] = dataclasses.asdict(hparams["vision"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """The optimiser over the trained parameters (the frozen encoder has none)."""
-        return self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        """The optimiser over the trained parameters (the frozen encoder has none).
+
+        Under ``finetune`` the pre-trained parameters (the encoder, and an fVLM checkpoint's
+        anatomy pooling) form their own group at ``encoder_lr_scale`` times the learning rate.
+        """
+        generator = self.generator
+        pretrained = list(generator.encoder.parameters())
+        if generator.pooling is not None and generator.pooling_pretrained:
+            pretrained += list(generator.pooling.parameters())
+        ids = {id(p) for p in pretrained}
+        new = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        old = [p for p in pretrained if p.requires_grad]
+        scale = float(self.hparams.encoder_lr_scale)
+        groups = [{"params": new}] + ([{"params": old, "lr_scale": scale}] if old else [])
+        optimizer = self.optimizer_factory(groups)
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+        return optimizer
 
 
 def train_phantom_classifier(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -464,3 +465,24 @@ def test_encoder_entries_and_the_mae_inflated_encoder_offline() -> None:
     mae = VisionConfig(**VISION, init_from="vit_base_patch16_224.mae")
     with pytest.raises(RuntimeError, match="timm could not fetch the pretrained weights"):
         load_encoder(None, mae, A)  # offline: the existing clear error, nothing downloaded
+
+
+def test_finetune_encoder_learns_at_its_own_rate(tmp_path, tiny_bert) -> None:
+    path, _ = _checkpoint(tmp_path, tiny_bert, num_anatomies=A)
+    optimizer = partial(torch.optim.AdamW, lr=1e-3)
+    module = _module(
+        tiny_bert, encoder_checkpoint=path, protocol="finetune", mode="anatomy",
+        encoder_lr_scale=0.1, optimizer=optimizer,
+    )  # fmt: skip
+    groups = module.configure_optimizers().param_groups
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-4])
+    generator = module.generator
+    pretrained = {id(p) for p in [*generator.encoder.parameters(), *generator.pooling.parameters()]}
+    assert {id(p) for p in groups[1]["params"]} == pretrained  # the fVLM pooling is pre-trained
+    assert not pretrained & {id(p) for p in groups[0]["params"]}
+    trained = {id(p) for p in module.parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} == trained
+    frozen = _module(tiny_bert, encoder_checkpoint=path, mode="anatomy", optimizer=optimizer)
+    assert len(frozen.configure_optimizers().param_groups) == 1  # nothing pre-trained learns
+    with pytest.raises(ValueError, match="encoder_lr_scale"):
+        _module(tiny_bert, encoder_lr_scale=0.0)

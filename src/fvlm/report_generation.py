@@ -425,6 +425,7 @@ class ReportGenerator(nn.Module):
         width = int(decoder.config.hidden_size)
         self.pooling: AnatomyPooling | None = None
         self.normal_head: nn.Linear | None = None
+        self.pooling_pretrained = pooling_pretrained
         self.pooling_fixed = frozen and pooling_pretrained
         if mode == "anatomy":
             if pooling is None:
