@@ -426,7 +426,6 @@ class ReportGenerator(nn.Module):
         self.pooling: AnatomyPooling | None = None
         self.normal_head: nn.Linear | None = None
         self.pooling_pretrained = pooling_pretrained
-        self.pooling_fixed = frozen and pooling_pretrained
         if mode == "anatomy":
             if pooling is None:
                 pooling = new_anatomy_pooling(encoder, num_anatomies)
@@ -444,6 +443,11 @@ class ReportGenerator(nn.Module):
         if self.pooling_fixed:
             self.pooling.requires_grad_(False)
         self.train()
+
+    @property
+    def pooling_fixed(self) -> bool:
+        """The anatomy pooling came with the encoder and the frozen protocol fixes both."""
+        return self.frozen and self.pooling_pretrained
 
     def use_vocabulary(self, vocabulary: Sequence[int]) -> None:
         """Cut the decoder to a compact output vocabulary (before the optimiser is built).
